@@ -1,0 +1,39 @@
+"""Coordinator settings. Every field is also a command-line flag and an environment variable
+(`DATACACHE_<FIELD>`, upper case); see `coordinator.__main__`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class CoordinatorSettings:
+    listen: str = "0.0.0.0:7400"
+    """gRPC listen address, host:port. Port 0 picks a free port (see `port_file`)."""
+
+    db_path: Path = Path("/var/lib/datacache/coordinator.db")
+    """SQLite database file. Small; rebuildable from agents' reports."""
+
+    labeler: Literal["local", "kubernetes"] = "local"
+    """Where node labels go: 'local' keeps them in the store (no cluster); 'kubernetes' patches
+    Node objects."""
+
+    kubeconfig: str | None = None
+    """Kubeconfig file for labeler=kubernetes; unset means the in-cluster service account."""
+
+    lease_seconds: int = 30
+    """An agent that has not reported for this long is considered gone, seconds: its replicas
+    are re-placed and its labels removed."""
+
+    reconcile_interval_seconds: float = 5.0
+    """Longest time between two reconcile passes, seconds (passes also run on every change)."""
+
+    port_file: Path | None = None
+    """If set, the bound gRPC port is written here once the server is serving."""
+
+    @property
+    def heartbeat_seconds(self) -> float:
+        """How often an idle desired-state stream is refreshed, seconds."""
+        return max(1.0, self.lease_seconds / 3)

@@ -1,0 +1,93 @@
+"""Validation of external input shared by every component: dataset names and source URIs.
+
+Errors are `InvalidInput` with a message that names the offending value, what is wrong with it
+and what to do instead; servers map it to gRPC INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+MAX_DATASET_NAME_LENGTH = 253
+# Kubernetes DNS-1123 subdomain: dataset names end up in label keys and CR names.
+_DATASET_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+# S3 bucket naming rules (virtual-host safe subset): 3-63 lowercase letters, digits, '.', '-'.
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+MAX_REPLICAS = 10_000
+MAX_PREFIX_BYTES = 1024
+
+
+class InvalidInput(ValueError):
+    """An external input was rejected; the message says what and how to fix it."""
+
+
+@dataclass(frozen=True)
+class S3Source:
+    """A parsed `s3://bucket/prefix` source. `prefix` is '' or ends with '/'."""
+
+    bucket: str
+    prefix: str
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+
+def validate_dataset_name(name: str) -> str:
+    if not name:
+        raise InvalidInput("dataset name is empty: use lowercase letters, digits, '-' and '.'")
+    if len(name) > MAX_DATASET_NAME_LENGTH:
+        raise InvalidInput(
+            f"dataset name {name[:40]!r}... is {len(name)} characters long; "
+            f"the limit is {MAX_DATASET_NAME_LENGTH}"
+        )
+    if not _DATASET_NAME.fullmatch(name):
+        raise InvalidInput(
+            f"dataset name {name!r} is not a DNS-1123 subdomain: use lowercase letters, digits, "
+            "'-' and '.', starting and ending with a letter or digit (e.g. 'imagenet-2012')"
+        )
+    return name
+
+
+def validate_replicas(replicas: int) -> int:
+    if not 1 <= replicas <= MAX_REPLICAS:
+        raise InvalidInput(
+            f"replicas must be between 1 and {MAX_REPLICAS}, got {replicas}"
+        )
+    return replicas
+
+
+def parse_source(uri: str) -> S3Source:
+    """Parses a dataset source URI. Only `s3://bucket/prefix` is supported so far."""
+    if not uri:
+        raise InvalidInput("source is empty: give an URI like s3://bucket/prefix/")
+    if any(ord(c) < 0x20 or c == "\x7f" for c in uri):
+        raise InvalidInput(f"source {uri!r} contains control characters")
+    parts = urlsplit(uri)
+    if parts.scheme != "s3":
+        raise InvalidInput(
+            f"source {uri!r} has scheme {parts.scheme or '(none)'!r}; supported: s3://bucket/prefix/"
+        )
+    if parts.query or parts.fragment or parts.username or parts.port:
+        raise InvalidInput(f"source {uri!r} must not carry a query, fragment, user or port")
+    bucket = parts.netloc
+    if not _BUCKET.fullmatch(bucket) or ".." in bucket:
+        raise InvalidInput(
+            f"source {uri!r}: bucket {bucket!r} is not a valid S3 bucket name "
+            "(3-63 lowercase letters, digits, '.' and '-')"
+        )
+    prefix = parts.path.lstrip("/")
+    if len(prefix.encode()) > MAX_PREFIX_BYTES:
+        raise InvalidInput(f"source {uri!r}: prefix is longer than {MAX_PREFIX_BYTES} bytes")
+    segments = prefix.rstrip("/").split("/") if prefix else []
+    if any(s in ("", ".", "..") for s in segments):
+        raise InvalidInput(
+            f"source {uri!r}: prefix has an empty, '.' or '..' segment; "
+            "write it as s3://bucket/dir/subdir/"
+        )
+    if prefix and not prefix.endswith("/"):
+        # A dataset is a directory-like prefix; "s3://b/data" would also match "data2/...".
+        prefix += "/"
+    return S3Source(bucket=bucket, prefix=prefix)
