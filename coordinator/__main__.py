@@ -15,26 +15,66 @@ _DEFAULTS = CoordinatorSettings()
 
 @click.command(context_settings={"auto_envvar_prefix": "DATACACHE", "show_default": True})
 @click.version_option(__version__, prog_name="datacache-coordinator")
-@click.option("--listen", default=_DEFAULTS.listen, show_envvar=True,
-              help="gRPC listen address host:port (port 0: any free port).")
-@click.option("--db-path", type=click.Path(dir_okay=False, path_type=Path),
-              default=_DEFAULTS.db_path, show_envvar=True, help="SQLite database file.")
-@click.option("--labeler", type=click.Choice(["local", "kubernetes"]),
-              default=_DEFAULTS.labeler, show_envvar=True,
-              help="Where node labels go: the local store, or Kubernetes Node objects.")
-@click.option("--kubeconfig", default=None, show_envvar=True,
-              help="Kubeconfig for --labeler=kubernetes (default: in-cluster config).")
-@click.option("--lease-seconds", type=click.IntRange(3, 3600), default=_DEFAULTS.lease_seconds,
-              show_envvar=True, help="Agent lease: silence longer than this means gone (s).")
-@click.option("--reconcile-interval-seconds", type=click.FloatRange(0.1, 600),
-              default=_DEFAULTS.reconcile_interval_seconds, show_envvar=True,
-              help="Longest time between reconcile passes (s).")
-@click.option("--port-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              show_envvar=True, help="Write the bound gRPC port here once serving.")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
-              default="info", show_envvar=True)
-@click.option("--log-format", type=click.Choice(["auto", "json", "text"]), default="auto",
-              show_envvar=True, help="auto: text on a terminal, JSON lines otherwise.")
+@click.option(
+    "--listen",
+    default=_DEFAULTS.listen,
+    show_envvar=True,
+    help="gRPC listen address host:port (port 0: any free port).",
+)
+@click.option(
+    "--db-path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=_DEFAULTS.db_path,
+    show_envvar=True,
+    help="SQLite database file.",
+)
+@click.option(
+    "--labeler",
+    type=click.Choice(["local", "kubernetes"]),
+    default=_DEFAULTS.labeler,
+    show_envvar=True,
+    help="Where node labels go: the local store, or Kubernetes Node objects.",
+)
+@click.option(
+    "--kubeconfig",
+    default=None,
+    show_envvar=True,
+    help="Kubeconfig for --labeler=kubernetes (default: in-cluster config).",
+)
+@click.option(
+    "--lease-seconds",
+    type=click.IntRange(3, 3600),
+    default=_DEFAULTS.lease_seconds,
+    show_envvar=True,
+    help="Agent lease: silence longer than this means gone (s).",
+)
+@click.option(
+    "--reconcile-interval-seconds",
+    type=click.FloatRange(0.1, 600),
+    default=_DEFAULTS.reconcile_interval_seconds,
+    show_envvar=True,
+    help="Longest time between reconcile passes (s).",
+)
+@click.option(
+    "--port-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    show_envvar=True,
+    help="Write the bound gRPC port here once serving.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_envvar=True,
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["auto", "json", "text"]),
+    default="auto",
+    show_envvar=True,
+    help="auto: text on a terminal, JSON lines otherwise.",
+)
 def main(
     listen: str,
     db_path: Path,

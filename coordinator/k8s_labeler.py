@@ -30,9 +30,9 @@ log = logging.getLogger(__name__)
 def core_api(kubeconfig: str | None) -> Any:
     """A CoreV1Api from a kubeconfig file, or from the in-cluster service account."""
     if kubeconfig:
-        api_client = k8s_config.new_client_from_config(config_file=kubeconfig)
+        api_client = k8s_config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
     else:
-        k8s_config.load_incluster_config()
+        k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
         api_client = k8s.ApiClient()
     return k8s.CoreV1Api(api_client)
 

@@ -15,6 +15,7 @@ Ordering guarantees:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -60,17 +61,15 @@ class DesiredStateHub:
         return self._generations.get(node, 0), self._sets.get(node, ())
 
     async def wait_newer(
-        self, node: str, generation: int, timeout: float
+        self, node: str, generation: int, wait_seconds: float
     ) -> tuple[int, tuple[DesiredDataset, ...]]:
-        """Waits until the node's generation exceeds `generation` or `timeout` passes."""
+        """Waits until the node's generation exceeds `generation` or `wait_seconds` pass."""
         async with self._changed:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
                     self._changed.wait_for(lambda: self._generations.get(node, 0) > generation),
-                    timeout,
+                    wait_seconds,
                 )
-            except TimeoutError:
-                pass
         return self.snapshot(node)
 
 
@@ -102,12 +101,8 @@ class Reconciler:
                 raise
             except Exception:
                 log.exception("Reconcile pass failed; retrying on the next pass")
-            try:
-                await asyncio.wait_for(
-                    self._wake.wait(), self._settings.reconcile_interval_seconds
-                )
-            except TimeoutError:
-                pass
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._settings.reconcile_interval_seconds)
             self._wake.clear()
 
     def live_nodes(self) -> set[str]:
@@ -137,9 +132,7 @@ class Reconciler:
         wants = [Want(d.name, d.replicas) for d in datasets.values() if not d.deleting]
         placement = place(wants, live, current, frozen_ready)
 
-        labelled = {
-            d: frozen_ready.get(d, frozenset()) & nodes for d, nodes in placement.items()
-        }
+        labelled = {d: frozen_ready.get(d, frozenset()) & nodes for d, nodes in placement.items()}
         failed_nodes = await self._apply_labels(desired_node_labels(labelled), current)
 
         # Keep (dataset, node) pairs whose label could not be confirmed removed, so the agent
@@ -165,11 +158,7 @@ class Reconciler:
         )
 
         for record in datasets.values():
-            if (
-                record.deleting
-                and record.name not in final_frozen
-                and not holders.get(record.name)
-            ):
+            if record.deleting and record.name not in final_frozen and not holders.get(record.name):
                 store.purge_dataset(record.name)
                 log.info("Dataset deleted from every node", extra={"dataset": record.name})
 

@@ -63,7 +63,7 @@ async def serve(settings: CoordinatorSettings, stop: asyncio.Event) -> None:
     pb_grpc.add_AgentServiceServicer_to_server(
         AgentService(store, hub, reconciler, settings), server
     )
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*SERVICE_NAMES, reflection.SERVICE_NAME], server)
 

@@ -76,7 +76,9 @@ def grpc_errors(
     """Maps the coordinator's exceptions to gRPC status codes at the edge."""
 
     @functools.wraps(method)
-    async def wrapper(self: Self, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
+    async def wrapper(
+        self: Self, request: Req, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Resp:
         try:
             return await method(self, request, context)
         except InvalidInput as exc:
@@ -94,9 +96,7 @@ def _timestamp(seconds: float) -> Timestamp:
     return ts
 
 
-def replica_view(
-    assigned: frozenset[str], reports: list[ReplicaReport]
-) -> list[pb.Replica]:
+def replica_view(assigned: frozenset[str], reports: list[ReplicaReport]) -> list[pb.Replica]:
     """Per-node replica rows: assigned nodes without a report are Pending; nodes reporting a
     dataset they are no longer assigned are Evicting."""
     by_node = {r.node_name: r for r in reports}
@@ -139,9 +139,7 @@ class DatasetService(pb_grpc.DatasetServiceServicer):
             replicas=record.replicas,
             create_time=_timestamp(record.create_time),
             status=pb.DatasetStatus(
-                ready_replicas=sum(
-                    1 for r in rows if r.state == pb.REPLICA_STATE_READY
-                ),
+                ready_replicas=sum(1 for r in rows if r.state == pb.REPLICA_STATE_READY),
                 replicas=rows,
             ),
         )

@@ -53,9 +53,7 @@ def validate_dataset_name(name: str) -> str:
 
 def validate_replicas(replicas: int) -> int:
     if not 1 <= replicas <= MAX_REPLICAS:
-        raise InvalidInput(
-            f"replicas must be between 1 and {MAX_REPLICAS}, got {replicas}"
-        )
+        raise InvalidInput(f"replicas must be between 1 and {MAX_REPLICAS}, got {replicas}")
     return replicas
 
 

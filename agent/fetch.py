@@ -1,0 +1,329 @@
+"""The transfer engine: copies every object of a listing into an empty staging directory.
+
+Work is split into units: a small file is one unit (one GET, hashed as it streams); a file
+larger than `multipart_threshold_bytes` is split into `part_bytes` ranges written in place with
+`pwrite`, then hashed by reading it back. Units run on `concurrency` threads.
+
+Memory: each unit holds at most one `READ_CHUNK_BYTES` (1 MiB) chunk at a time, so the engine's
+buffers stay below `concurrency x 1 MiB` (16 MiB by default) whatever the file sizes.
+
+Every file is created beneath the staging directory through directory file descriptors with
+O_NOFOLLOW, size-checked, checked against its MD5 ETag when the source offers one, and fsynced;
+then every directory is fsynced. A failed unit is retried a bounded number of times; the first
+error that exhausts its retries cancels the rest and is raised with the last transport error as
+its cause.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.errors import (
+    AgentError,
+    FetchCancelled,
+    SourceChanged,
+    SourceError,
+    VerificationError,
+)
+from agent.keys import check_no_collisions, is_directory_marker, key_to_parts
+from agent.manifest import UNVERIFIED, VERIFIED_MD5_ETAG, FileEntry
+from agent.sources import ObjectInfo, Source
+
+log = logging.getLogger(__name__)
+
+_MD5_ETAG = re.compile(r'"?([0-9a-fA-F]{32})"?')
+_READBACK_BYTES = 8 * 1024 * 1024
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass(frozen=True)
+class FetchSettings:
+    concurrency: int = 16
+    """Parallel reads (threads). Memory: concurrency x 1 MiB of read buffers."""
+    part_bytes: int = 8 * 1024 * 1024
+    """Range size for large files, bytes. Memory does not depend on it (reads stream)."""
+    multipart_threshold_bytes: int = 16 * 1024 * 1024
+    """Files larger than this are read as parallel ranges, bytes."""
+    attempts: int = 3
+    """Tries per unit (small file or range) before the fetch fails."""
+
+
+@dataclass
+class Progress:
+    """Counters the runner reports while a fetch runs. Never decrease."""
+
+    files_total: int = 0
+    bytes_total: int = 0
+    files_done: int = 0
+    bytes_done: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, files: int = 0, nbytes: int = 0) -> None:
+        with self._lock:
+            self.files_done += files
+            self.bytes_done += nbytes
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    obj: ObjectInfo
+    parts: tuple[str, ...]
+
+
+def plan(objects: list[ObjectInfo]) -> list[PlannedFile]:
+    """Maps a listing to paths, rejecting it whole if any key is unsafe or collides."""
+    planned = [
+        PlannedFile(obj, key_to_parts(obj.key))
+        for obj in objects
+        if not (is_directory_marker(obj.key) and obj.size == 0)
+    ]
+    check_no_collisions(p.parts for p in planned)
+    return planned
+
+
+def _open_dir(root_fd: int, parts: tuple[str, ...], create: bool) -> int:
+    """Opens the directory root/parts... without following symlinks, creating it if asked."""
+    fd = os.dup(root_fd)
+    try:
+        for part in parts:
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o755, dir_fd=fd)
+            nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class _FileJob:
+    """One file being written. Opened by its first unit (so a listing of 100,000 files does not
+    hold 100,000 descriptors), closed once verified by its last unit."""
+
+    def __init__(self, planned: PlannedFile, units: int, root_fd: int) -> None:
+        self.planned = planned
+        self.remaining = units
+        self.lock = threading.Lock()
+        self._root_fd = root_fd
+        self._fd = -1
+        self._closed = False
+
+    def fd(self) -> int:
+        with self.lock:
+            if self._closed:
+                raise FetchCancelled("file already closed")
+            if self._fd < 0:
+                parts = self.planned.parts
+                parent = _open_dir(self._root_fd, parts[:-1], create=False)
+                try:
+                    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                    self._fd = os.open(parts[-1], flags, 0o644, dir_fd=parent)
+                finally:
+                    os.close(parent)
+                if self.planned.obj.size:
+                    os.ftruncate(self._fd, self.planned.obj.size)
+            return self._fd
+
+    def unit_done(self) -> bool:
+        """Counts a finished unit; True for the last one."""
+        with self.lock:
+            self.remaining -= 1
+            return self.remaining == 0
+
+    def close(self) -> None:
+        with self.lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+            self._fd = -1
+            self._closed = True
+
+
+class _Engine:
+    def __init__(
+        self,
+        source: Source,
+        root_fd: int,
+        settings: FetchSettings,
+        progress: Progress,
+        cancel: threading.Event,
+    ) -> None:
+        self.source = source
+        self.root_fd = root_fd
+        self.settings = settings
+        self.progress = progress
+        self.cancel = cancel
+        self.entries: list[FileEntry] = []
+        self.entries_lock = threading.Lock()
+
+    def _read(self, obj: ObjectInfo, offset: int, length: int) -> Iterator[bytes]:
+        for chunk in self.source.read_range(obj, offset, length):
+            if self.cancel.is_set():
+                raise FetchCancelled("fetch cancelled")
+            yield chunk
+
+    def _with_retries(self, what: str, action: Callable[[], None]) -> None:
+        last: SourceError | None = None
+        for attempt in range(1, self.settings.attempts + 1):
+            if self.cancel.is_set():
+                raise FetchCancelled("fetch cancelled")
+            try:
+                action()
+                return
+            except SourceChanged:
+                raise
+            except SourceError as exc:
+                last = exc
+                log.info("Retrying %s after attempt %d: %s", what, attempt, exc)
+        assert last is not None
+        raise SourceError(
+            f"{what}: giving up after {self.settings.attempts} attempts: {last}"
+        ) from last
+
+    def whole_file(self, job: _FileJob) -> None:
+        obj = job.planned.obj
+        digests: list[str] = []
+
+        def attempt() -> None:
+            fd = job.fd()
+            sha, md5, offset = hashlib.sha256(), hashlib.md5(usedforsecurity=False), 0
+            for chunk in self._read(obj, 0, obj.size):
+                os.pwrite(fd, chunk, offset)
+                offset += len(chunk)
+                sha.update(chunk)
+                md5.update(chunk)
+            digests[:] = [sha.hexdigest(), md5.hexdigest()]
+
+        self._with_retries(f"reading {obj.key!r}", attempt)
+        self.progress.add(nbytes=obj.size)
+        self.finish(job, digests[0], digests[1])
+
+    def part(self, job: _FileJob, offset: int, length: int) -> None:
+        obj = job.planned.obj
+
+        def attempt() -> None:
+            fd, pos = job.fd(), offset
+            for chunk in self._read(obj, offset, length):
+                os.pwrite(fd, chunk, pos)
+                pos += len(chunk)
+
+        self._with_retries(f"reading {obj.key!r} bytes {offset}+{length}", attempt)
+        self.progress.add(nbytes=length)
+        if job.unit_done():
+            sha, md5 = _hash_file(job.fd(), obj.size)
+            self.finish(job, sha, md5)
+
+    def finish(self, job: _FileJob, sha256: str, md5: str) -> None:
+        obj = job.planned.obj
+        try:
+            fd = job.fd()
+            if os.fstat(fd).st_size != obj.size:
+                raise VerificationError(f"{obj.key!r}: size on disk differs from the source")
+            match = _MD5_ETAG.fullmatch(obj.etag)
+            if match and match.group(1).lower() != md5:
+                raise VerificationError(
+                    f"{obj.key!r}: content MD5 {md5} does not match ETag {obj.etag}"
+                )
+            os.fsync(fd)
+        finally:
+            job.close()
+        entry = FileEntry(
+            path="/".join(job.planned.parts),
+            size=obj.size,
+            etag=obj.etag,
+            sha256=sha256,
+            verified=VERIFIED_MD5_ETAG if match else UNVERIFIED,
+        )
+        with self.entries_lock:
+            self.entries.append(entry)
+        self.progress.add(files=1)
+
+
+def _hash_file(fd: int, size: int) -> tuple[str, str]:
+    sha, md5, offset = hashlib.sha256(), hashlib.md5(usedforsecurity=False), 0
+    while offset < size:
+        block = os.pread(fd, _READBACK_BYTES, offset)
+        if not block:
+            break
+        sha.update(block)
+        md5.update(block)
+        offset += len(block)
+    return sha.hexdigest(), md5.hexdigest()
+
+
+def _fsync_tree(root_fd: int, dirs: list[tuple[str, ...]]) -> None:
+    for parts in sorted(dirs, key=len, reverse=True):
+        fd = _open_dir(root_fd, parts, create=False)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    os.fsync(root_fd)
+
+
+def fetch_into(
+    source: Source,
+    files: list[PlannedFile],
+    dest: Path,
+    settings: FetchSettings,
+    progress: Progress,
+    cancel: threading.Event,
+) -> list[FileEntry]:
+    """Copies `files` into the empty directory `dest`; returns their manifest entries."""
+    progress.files_total = len(files)
+    progress.bytes_total = sum(f.obj.size for f in files)
+    dirs = sorted({p.parts[:i] for p in files for i in range(1, len(p.parts))}, key=len)
+    root_fd = os.open(dest, _DIR_FLAGS)
+    jobs: list[_FileJob] = []
+    try:
+        for parts in dirs:
+            os.close(_open_dir(root_fd, parts, create=True))
+        engine = _Engine(source, root_fd, settings, progress, cancel)
+        with ThreadPoolExecutor(settings.concurrency, thread_name_prefix="fetch") as pool:
+            futures: list[Future[None]] = []
+            # Large files first: their ranges spread over every thread while small files fill in.
+            for planned in sorted(files, key=lambda p: -p.obj.size):
+                size = planned.obj.size
+                if size > settings.multipart_threshold_bytes:
+                    offsets = range(0, size, settings.part_bytes)
+                    job = _FileJob(planned, len(offsets), root_fd)
+                    jobs.append(job)
+                    futures += [
+                        pool.submit(engine.part, job, off, min(settings.part_bytes, size - off))
+                        for off in offsets
+                    ]
+                else:
+                    job = _FileJob(planned, 1, root_fd)
+                    jobs.append(job)
+                    futures.append(pool.submit(engine.whole_file, job))
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = next((f for f in done if f.exception() is not None), None)
+            if failed is not None:
+                cancel.set()
+                wait(futures)
+                error = failed.exception()
+                assert error is not None
+                raise error
+        if cancel.is_set():
+            raise FetchCancelled("fetch cancelled")
+        _fsync_tree(root_fd, dirs)
+        return engine.entries
+    except AgentError:
+        raise
+    except OSError as exc:
+        raise AgentError(f"writing into {dest}: {exc}") from exc
+    finally:
+        for job in jobs:
+            with contextlib.suppress(OSError):
+                job.close()
+        os.close(root_fd)

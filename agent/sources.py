@@ -1,0 +1,129 @@
+"""The narrow `Source` interface the transfer engine reads through, and its S3 implementation.
+
+A source lists the objects under a dataset's prefix and reads byte ranges of one object, pinned
+to the version it listed (an S3 ETag): if the object changed since, the read fails with
+`SourceChanged` instead of mixing bytes of two versions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+from agent.errors import SourceChanged, SourceError
+from datacache.validation import S3Source as S3Location
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+# Each ranged read is consumed in chunks this large, so memory per in-flight read is bounded
+# by it whatever the range size.
+READ_CHUNK_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    """Key relative to the dataset prefix."""
+    size: int
+    """Bytes."""
+    etag: str
+    """Opaque version tag, compared with If-Match on every read."""
+
+
+class Source(Protocol):
+    def list(self) -> Iterator[ObjectInfo]:
+        """Every object under the dataset prefix, in key order."""
+        ...
+
+    def read_range(self, obj: ObjectInfo, offset: int, length: int) -> Iterator[bytes]:
+        """Bytes [offset, offset+length) of `obj` as it was listed, in chunks of at most
+        `READ_CHUNK_BYTES`. Raises `SourceChanged` if the object changed."""
+        ...
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint_url: str | None = None
+    """S3 endpoint; None means AWS (or AWS_ENDPOINT_URL_S3 from the environment)."""
+    region: str | None = None
+    """Region for request signing; None uses the standard AWS configuration chain."""
+    max_connections: int = 32
+    """Connection pool size; should be at least the engine's concurrency."""
+
+
+def s3_client(settings: S3Settings) -> S3Client:
+    """An S3 client using the standard credential chain (env, files, IRSA, instance role)."""
+    config = botocore.config.Config(
+        max_pool_connections=settings.max_connections,
+        retries={"mode": "standard", "max_attempts": 5},
+        connect_timeout=10,
+        read_timeout=60,
+        # Path-style works with every S3-compatible server; virtual-host style does not.
+        s3={"addressing_style": "path"},
+    )
+    client: S3Client = boto3.session.Session().client(
+        "s3", endpoint_url=settings.endpoint_url, region_name=settings.region, config=config
+    )
+    return client
+
+
+class S3ObjectSource:
+    def __init__(self, client: S3Client, location: S3Location) -> None:
+        self._client = client
+        self._location = location
+
+    def list(self) -> Iterator[ObjectInfo]:
+        prefix = self._location.prefix
+        paginator = self._client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self._location.bucket, Prefix=prefix):
+                for item in page.get("Contents", []):
+                    yield ObjectInfo(
+                        key=item["Key"][len(prefix) :],
+                        size=int(item["Size"]),
+                        etag=item["ETag"],
+                    )
+        except botocore.exceptions.BotoCoreError as exc:
+            raise SourceError(f"listing {self._location.uri} failed: {exc}") from exc
+        except botocore.exceptions.ClientError as exc:
+            raise SourceError(f"listing {self._location.uri} failed: {_error_code(exc)}") from exc
+
+    def read_range(self, obj: ObjectInfo, offset: int, length: int) -> Iterator[bytes]:
+        if length <= 0:
+            return
+        key = self._location.prefix + obj.key
+        try:
+            response = self._client.get_object(
+                Bucket=self._location.bucket,
+                Key=key,
+                Range=f"bytes={offset}-{offset + length - 1}",
+                IfMatch=obj.etag,
+            )
+            received = 0
+            for chunk in response["Body"].iter_chunks(READ_CHUNK_BYTES):
+                received += len(chunk)
+                yield chunk
+        except botocore.exceptions.ClientError as exc:
+            code = _error_code(exc)
+            if code in ("PreconditionFailed", "412"):
+                raise SourceChanged(
+                    f"s3://{self._location.bucket}/{key} changed while being copied"
+                ) from exc
+            raise SourceError(f"reading s3://{self._location.bucket}/{key}: {code}") from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise SourceError(f"reading s3://{self._location.bucket}/{key}: {exc}") from exc
+        if received != length:
+            raise SourceError(
+                f"reading s3://{self._location.bucket}/{key}: got {received} of {length} bytes"
+            )
+
+
+def _error_code(exc: botocore.exceptions.ClientError) -> str:
+    error: Any = exc.response.get("Error", {})
+    return str(error.get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode"))

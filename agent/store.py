@@ -1,0 +1,178 @@
+"""The on-disk cache of one node.
+
+Layout under the cache root:
+
+    cache-id                          random id written once: identifies this disk's cache
+    staging/<dataset>.<random>/       copies in progress (wiped at start-up)
+    datasets/<dataset>/<version>/     published, verified files of one version
+    datasets/<dataset>/<version>.json its manifest (written after the files, before `current`)
+    datasets/<dataset>/current        symlink to <version>: what pods read
+
+Publishing renames the staged directory into place, writes the manifest, then atomically
+replaces `current`, fsyncing each directory touched, so after a crash a dataset either has a
+complete verified version behind `current` or is treated as absent. Deleting removes `current`
+first, so nothing half-deleted is ever published.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.errors import StoreError
+from agent.manifest import Manifest
+from datacache.validation import InvalidInput, validate_dataset_name
+
+log = logging.getLogger(__name__)
+
+CURRENT = "current"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    with open(tmp, "x", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+@dataclass(frozen=True)
+class Usage:
+    capacity_bytes: int
+    free_bytes: int
+
+
+class CacheStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.staging = root / "staging"
+        self.datasets = root / "datasets"
+        for directory in (root, self.staging, self.datasets):
+            directory.mkdir(parents=True, exist_ok=True)
+        self.cache_id = self._load_cache_id()
+
+    def _load_cache_id(self) -> str:
+        path = self.root / "cache-id"
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            cache_id = uuid.uuid4().hex
+            _write_atomic(path, cache_id + "\n")
+            return cache_id
+
+    def dataset_dir(self, name: str) -> Path:
+        return self.datasets / validate_dataset_name(name)
+
+    def current_path(self, name: str) -> Path:
+        """Where pods read the dataset's current version."""
+        return self.dataset_dir(name) / CURRENT
+
+    def recover(self) -> dict[str, Manifest]:
+        """Wipes unfinished copies and returns every published dataset with its manifest."""
+        for leftover in self.staging.iterdir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        found: dict[str, Manifest] = {}
+        for entry in sorted(self.datasets.iterdir()):
+            try:
+                validate_dataset_name(entry.name)
+            except InvalidInput:
+                log.warning("Ignoring unexpected entry %s in the cache", entry)
+                continue
+            manifest = self._load_current(entry)
+            if manifest is None:
+                log.warning("Removing unpublished copy", extra={"dataset": entry.name})
+                self.delete(entry.name)
+            else:
+                found[entry.name] = manifest
+                self._remove_other_versions(entry, manifest.version)
+        return found
+
+    def _load_current(self, directory: Path) -> Manifest | None:
+        current = directory / CURRENT
+        try:
+            version = os.readlink(current)
+        except OSError:
+            return None
+        if "/" in version or version in ("", ".", ".."):
+            return None
+        try:
+            manifest = Manifest.from_json((directory / f"{version}.json").read_text())
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("Manifest unreadable: %s", exc, extra={"dataset": directory.name})
+            return None
+        if manifest.version != version or manifest.dataset != directory.name:
+            return None
+        if not (directory / version).is_dir():
+            return None
+        return manifest
+
+    def new_staging(self, name: str) -> Path:
+        path = self.staging / f"{validate_dataset_name(name)}.{secrets.token_hex(6)}"
+        path.mkdir()
+        return path
+
+    def publish(self, staged: Path, manifest: Manifest) -> Path:
+        """Moves a fully written and fsynced staging directory into place as the current
+        version of its dataset. Returns the path pods read."""
+        directory = self.dataset_dir(manifest.dataset)
+        try:
+            directory.mkdir(exist_ok=True)
+            _fsync_dir(self.datasets)
+            target = directory / manifest.version
+            if target.exists():
+                # Same content already published (a re-fetch of an unchanged source).
+                shutil.rmtree(staged)
+            else:
+                os.rename(staged, target)
+            _write_atomic(directory / f"{manifest.version}.json", manifest.to_json())
+            link_tmp = directory / f".{CURRENT}.{secrets.token_hex(4)}"
+            os.symlink(manifest.version, link_tmp)
+            os.replace(link_tmp, directory / CURRENT)
+            _fsync_dir(directory)
+        except OSError as exc:
+            raise StoreError(f"publishing {manifest.dataset}: {exc}") from exc
+        self._remove_other_versions(directory, manifest.version)
+        return directory / CURRENT
+
+    def _remove_other_versions(self, directory: Path, keep: str) -> None:
+        for entry in directory.iterdir():
+            if entry.name in (keep, f"{keep}.json", CURRENT):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+    def delete(self, name: str) -> None:
+        """Unpublishes, then removes every version of a dataset and its staging copies."""
+        directory = self.dataset_dir(name)
+        with contextlib.suppress(FileNotFoundError):
+            (directory / CURRENT).unlink()
+            _fsync_dir(directory)
+        shutil.rmtree(directory, ignore_errors=True)
+        for leftover in self.staging.iterdir():
+            # Staging names are "<dataset>.<hex>" and dataset names may contain dots.
+            if leftover.name.rsplit(".", 1)[0] == name:
+                shutil.rmtree(leftover, ignore_errors=True)
+        if directory.exists():
+            raise StoreError(f"could not remove {directory}")
+
+    def usage(self) -> Usage:
+        total, _, free = shutil.disk_usage(self.root)
+        return Usage(capacity_bytes=total, free_bytes=free)
