@@ -27,7 +27,7 @@ _STATE_NAMES = {
 T = TypeVar("T")
 
 
-def state_name(state: int) -> str:
+def state_name(state: pb.ReplicaState.ValueType) -> str:
     return _STATE_NAMES.get(state, "Unknown")
 
 
