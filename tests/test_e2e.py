@@ -1,0 +1,217 @@
+"""End to end on real parts: SeaweedFS S3, a coordinator and agents as separate processes on
+real sockets. Labels in local mode (the coordinator's store)."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import subprocess
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from datacache.localcluster import LocalCluster, s3_client, wait_until
+from datacache.v1 import datacache_pb2 as pb
+from datacache.v1 import datacache_pb2_grpc as pb_grpc
+
+LABEL = "dataset.datacache.io/photos"
+
+
+def upload_dataset(cluster: LocalCluster, bucket: str, prefix: str) -> dict[str, str]:
+    """Uploads small files and one file above the ranged-read threshold; returns sha256s."""
+    cluster.create_bucket(bucket)
+    client = s3_client(cluster.s3_endpoint)
+    rng = random.Random(42)  # noqa: S311 - test data
+    contents = {
+        f"dir-{i % 3}/file-{i}.bin": rng.randbytes(rng.randint(0, 50_000)) for i in range(30)
+    }
+    contents["big/blob.bin"] = rng.randbytes(3 * 1024 * 1024 + 17)
+    for key, data in contents.items():
+        client.put_object(Bucket=bucket, Key=prefix + key, Body=data)
+    return {key: hashlib.sha256(data).hexdigest() for key, data in contents.items()}
+
+
+def tree_digests(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in root.rglob("*")
+        if p.is_file()
+    }
+
+
+def create(cluster: LocalCluster, name: str, source: str, replicas: int) -> None:
+    with cluster.channel() as channel:
+        pb_grpc.DatasetServiceStub(channel).CreateDataset(
+            pb.CreateDatasetRequest(
+                dataset=pb.Dataset(name=name, source=source, replicas=replicas)
+            ),
+            timeout=10,
+        )
+
+
+def ready_nodes(cluster: LocalCluster, name: str) -> set[str]:
+    dataset = cluster.get_dataset(name)
+    return {r.node_name for r in dataset.status.replicas if r.state == pb.REPLICA_STATE_READY}
+
+
+def node_labels(cluster: LocalCluster) -> dict[str, dict[str, str]]:
+    return {n.name: dict(n.labels) for n in cluster.list_nodes()}
+
+
+def start(cluster: LocalCluster, nodes: int, *agent_flags: str) -> list[str]:
+    cluster.start_coordinator("--reconcile-interval-seconds=0.5")
+    names = [f"node-{i}" for i in range(1, nodes + 1)]
+    for node in names:
+        cluster.start_agent(node, *agent_flags)
+    wait_until(
+        lambda: {n.name for n in cluster.list_nodes() if n.agent_connected} == set(names),
+        30,
+        "agents to register",
+    )
+    return names
+
+
+def test_dataset_is_replicated_labelled_and_deleted(cluster: LocalCluster) -> None:
+    expected = upload_dataset(cluster, "e2e-photos", "photos/v1/")
+    nodes = start(cluster, 3, "--multipart-threshold-bytes=1048576", "--part-bytes=1048576")
+    create(cluster, "photos", "s3://e2e-photos/photos/v1/", replicas=2)
+
+    wait_until(lambda: len(ready_nodes(cluster, "photos")) == 2, 60, "2 Ready replicas")
+    holders = ready_nodes(cluster, "photos")
+    wait_until(
+        lambda: (
+            {n for n, labels in node_labels(cluster).items() if labels.get(LABEL) == "ready"}
+            == holders
+        ),
+        20,
+        "labels on the Ready nodes",
+    )
+    dataset = cluster.get_dataset("photos")
+    digests = {r.digest for r in dataset.status.replicas}
+    assert len(digests) == 1 and digests.pop().startswith("sha256:")
+    for replica in dataset.status.replicas:
+        assert replica.files_total == len(expected)
+        assert replica.bytes_total == replica.bytes_done > 3 * 1024 * 1024
+    for node in nodes:
+        current = cluster.cache_dir(node) / "datasets" / "photos" / "current"
+        if node in holders:
+            assert tree_digests(current) == expected
+        else:
+            assert not current.exists()
+            assert LABEL not in node_labels(cluster).get(node, {})
+
+    cli = subprocess.run(
+        ["datacache", f"--coordinator={cluster.coordinator_address}", "dataset", "get", "photos"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert cli.stdout.count("Ready") == 2
+    listing = subprocess.run(
+        ["datacache", f"--coordinator={cluster.coordinator_address}", "nodes"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert listing.stdout.count(f"{LABEL}=ready") == 2
+
+    deleted = subprocess.run(
+        [
+            "datacache",
+            f"--coordinator={cluster.coordinator_address}",
+            "dataset",
+            "delete",
+            "photos",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert deleted.returncode == 0, deleted.stderr
+
+    def gone() -> bool:
+        try:
+            cluster.get_dataset("photos")
+        except grpc.RpcError as exc:
+            return exc.code() == grpc.StatusCode.NOT_FOUND
+        return False
+
+    wait_until(gone, 30, "the dataset to be deleted everywhere")
+    assert all(LABEL not in labels for labels in node_labels(cluster).values())
+    for node in nodes:
+        assert not (cluster.cache_dir(node) / "datasets" / "photos").exists()
+
+
+def test_agent_restart_keeps_verified_copy(cluster: LocalCluster) -> None:
+    upload_dataset(cluster, "e2e-restart", "data/")
+    start(cluster, 1)
+    create(cluster, "restart", "s3://e2e-restart/data/", replicas=1)
+    wait_until(lambda: ready_nodes(cluster, "restart") == {"node-1"}, 60, "Ready replica")
+    version_dir = (cluster.cache_dir("node-1") / "datasets" / "restart" / "current").resolve()
+    mtime = version_dir.stat().st_mtime_ns
+
+    cluster.agents["node-1"].kill()
+    cluster.start_agent("node-1")
+    wait_until(
+        lambda: any(n.agent_connected for n in cluster.list_nodes()), 30, "agent to re-register"
+    )
+    wait_until(lambda: ready_nodes(cluster, "restart") == {"node-1"}, 30, "Ready after restart")
+    # The published version was recovered from disk, not fetched again.
+    assert version_dir.stat().st_mtime_ns == mtime
+    assert (
+        cluster.cache_dir("node-1") / "datasets" / "restart" / "current"
+    ).resolve() == version_dir
+
+
+def test_grpc_status_codes_health_and_reflection(cluster: LocalCluster) -> None:
+    cluster.start_coordinator()
+    with cluster.channel() as channel:
+        stub = pb_grpc.DatasetServiceStub(channel)
+
+        def code_of(request: pb.CreateDatasetRequest) -> grpc.StatusCode:
+            with pytest.raises(grpc.RpcError) as info:
+                stub.CreateDataset(request, timeout=10)
+            code: grpc.StatusCode = info.value.code()
+            return code
+
+        bad = [
+            pb.Dataset(name="Bad_Name", source="s3://bucket/x/", replicas=1),
+            pb.Dataset(name="ok", source="ftp://bucket/x/", replicas=1),
+            pb.Dataset(name="ok", source="s3://bucket/../x/", replicas=1),
+            pb.Dataset(name="ok", source="s3://bucket/x/", replicas=0),
+        ]
+        for dataset in bad:
+            assert (
+                code_of(pb.CreateDatasetRequest(dataset=dataset))
+                == grpc.StatusCode.INVALID_ARGUMENT
+            )
+        good = pb.Dataset(name="ok", source="s3://bucket/x/", replicas=1)
+        stub.CreateDataset(pb.CreateDatasetRequest(dataset=good), timeout=10)
+        assert code_of(pb.CreateDatasetRequest(dataset=good)) == grpc.StatusCode.ALREADY_EXISTS
+
+        with pytest.raises(grpc.RpcError) as info:
+            stub.GetDataset(pb.GetDatasetRequest(name="missing"), timeout=10)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "missing" in (info.value.details() or "")
+
+        agents = pb_grpc.AgentServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            agents.ReportState(
+                pb.ReportStateRequest(agent=pb.AgentIdentity(node_name="n1", cache_id="c")),
+                timeout=10,
+            )
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "datacache.v1.DatasetService", "datacache.v1.AgentService"):
+            response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = reflection.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+        )
+        names = {s.name for reply in replies for s in reply.list_services_response.service}
+        assert {"datacache.v1.DatasetService", "datacache.v1.AgentService"} <= names

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import pytest
+
+from datacache.validation import (
+    InvalidInput,
+    parse_source,
+    validate_dataset_name,
+    validate_replicas,
+)
+
+
+@pytest.mark.parametrize("name", ["a", "imagenet-2012", "team.cifar10", "x" * 253, "0abc"])
+def test_valid_dataset_names(name: str) -> None:
+    assert validate_dataset_name(name) == name
+
+
+@pytest.mark.parametrize(
+    ("name", "fragment"),
+    [
+        ("", "empty"),
+        ("Upper", "DNS-1123"),
+        ("-lead", "DNS-1123"),
+        ("trail-", "DNS-1123"),
+        ("a..b", "DNS-1123"),
+        ("a/b", "DNS-1123"),
+        ("a_b", "DNS-1123"),
+        ("x" * 254, "254 characters"),
+        ("naïve", "DNS-1123"),
+    ],
+)
+def test_invalid_dataset_names_say_why(name: str, fragment: str) -> None:
+    with pytest.raises(InvalidInput, match=fragment):
+        validate_dataset_name(name)
+
+
+@pytest.mark.parametrize(
+    ("uri", "bucket", "prefix"),
+    [
+        ("s3://bucket/prefix/", "bucket", "prefix/"),
+        ("s3://bucket/prefix", "bucket", "prefix/"),
+        ("s3://my.bucket-1/a/b/c/", "my.bucket-1", "a/b/c/"),
+        ("s3://bucket", "bucket", ""),
+        ("s3://bucket/", "bucket", ""),
+    ],
+)
+def test_parse_source(uri: str, bucket: str, prefix: str) -> None:
+    source = parse_source(uri)
+    assert (source.bucket, source.prefix) == (bucket, prefix)
+    assert parse_source(source.uri) == source
+
+
+@pytest.mark.parametrize(
+    ("uri", "fragment"),
+    [
+        ("", "empty"),
+        ("http://bucket/x", "scheme"),
+        ("bucket/prefix", "scheme"),
+        ("s3://Bucket/x", "not a valid S3 bucket"),
+        ("s3://b/x", "not a valid S3 bucket"),
+        ("s3://bucket/../etc/", "'..'"),
+        ("s3://bucket/a//b/", "empty"),
+        ("s3://bucket/x?versionId=1", "query"),
+        ("s3://user@bucket/x", "bucket"),
+        ("s3://bucket/a\nb", "control"),
+        ("s3://bucket/" + "p" * 1100, "longer than"),
+    ],
+)
+def test_invalid_sources_say_why(uri: str, fragment: str) -> None:
+    with pytest.raises(InvalidInput, match=fragment):
+        parse_source(uri)
+
+
+@pytest.mark.parametrize("replicas", [0, -1, 10_001])
+def test_replica_bounds(replicas: int) -> None:
+    with pytest.raises(InvalidInput, match="replicas"):
+        validate_replicas(replicas)
