@@ -24,6 +24,7 @@ from typing import IO, Any
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.handlers
 import grpc
 
 from datacache.v1 import datacache_pb2 as pb
@@ -77,6 +78,8 @@ class Process:
     popen: subprocess.Popen[bytes]
     log_path: Path
     _log: IO[bytes] = field(repr=False)
+    stop_grace: float = 5.0
+    """Seconds between SIGTERM and SIGKILL."""
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -86,11 +89,11 @@ class Process:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         return ""
 
-    def stop(self, grace: float = 5.0) -> None:
+    def stop(self) -> None:
         if self.alive():
             self.popen.send_signal(signal.SIGTERM)
             try:
-                self.popen.wait(grace)
+                self.popen.wait(self.stop_grace)
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait(10)
@@ -129,7 +132,13 @@ class LocalCluster:
             process.stop()
         self.processes.clear()
 
-    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Process:
+    def spawn(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        stop_grace: float = 5.0,
+    ) -> Process:
         log_path = self.workdir / f"{name}.log"
         log = log_path.open("ab")
         popen = subprocess.Popen(
@@ -140,7 +149,7 @@ class LocalCluster:
             env={**os.environ, **(env or {})},
             cwd=self.workdir,
         )
-        process = Process(name, popen, log_path, log)
+        process = Process(name, popen, log_path, log, stop_grace)
         self.processes.append(process)
         return process
 
@@ -174,8 +183,8 @@ class LocalCluster:
             "-s3.port.lance=0",
             "-metricsPort=0",
         ]
-        process = self.spawn("seaweedfs", argv)
-        # SeaweedFS hangs on SIGTERM at times; give it a short grace.
+        # SeaweedFS can hang answering 500 after SIGTERM; its data is disposable anyway.
+        process = self.spawn("seaweedfs", argv, stop_grace=1.0)
         endpoint = f"http://127.0.0.1:{ports['s3']}"
         client = s3_client(endpoint)
 
@@ -288,7 +297,8 @@ def _console(name: str) -> str:
 
 
 def s3_client(endpoint: str) -> Any:
-    return boto3.session.Session().client(
+    """An S3 client for the local server, used to upload test and demo data."""
+    client = boto3.session.Session().client(
         "s3",
         endpoint_url=endpoint,
         aws_access_key_id=DEMO_CREDENTIALS["AWS_ACCESS_KEY_ID"],
@@ -298,3 +308,7 @@ def s3_client(endpoint: str) -> Any:
             s3={"addressing_style": "path"}, retries={"mode": "standard", "max_attempts": 3}
         ),
     )
+    # SeaweedFS answers 'Expect: 100-continue' uploads with a response urllib3 misparses,
+    # which leaves the pooled connection stuck until the read timeout (a minute per upload).
+    client.meta.events.unregister("before-call.s3", botocore.handlers.add_expect_header)
+    return client

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import botocore.exceptions
 import pytest
 
-from datacache.localcluster import LocalCluster
+from datacache.localcluster import ClusterError, LocalCluster, free_port, s3_client, wait_until
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +25,26 @@ def cluster(tmp_path: Path, s3_server: LocalCluster) -> Iterator[LocalCluster]:
     with LocalCluster(tmp_path / "cluster") as local:
         local.s3_endpoint = s3_server.s3_endpoint
         yield local
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A moto S3 server on loopback: unlike SeaweedFS it stores hostile keys such as
+    '../../etc/passwd', which the agent must refuse."""
+    with LocalCluster(tmp_path_factory.mktemp("moto")) as local:
+        port = free_port()
+        process = local.spawn("moto", ["moto_server", "-H", "127.0.0.1", "-p", str(port)])
+        endpoint = f"http://127.0.0.1:{port}"
+        client = s3_client(endpoint)
+
+        def ready() -> bool:
+            if not process.alive():
+                raise ClusterError(f"moto_server exited:\n{process.log_tail()}")
+            try:
+                client.list_buckets()
+            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
+                return False
+            return True
+
+        wait_until(ready, 30, "moto_server")
+        yield endpoint

@@ -24,7 +24,7 @@ def upload_dataset(cluster: LocalCluster, bucket: str, prefix: str) -> dict[str,
     """Uploads small files and one file above the ranged-read threshold; returns sha256s."""
     cluster.create_bucket(bucket)
     client = s3_client(cluster.s3_endpoint)
-    rng = random.Random(42)  # noqa: S311 - test data
+    rng = random.Random(42)
     contents = {
         f"dir-{i % 3}/file-{i}.bin": rng.randbytes(rng.randint(0, 50_000)) for i in range(30)
     }

@@ -1,0 +1,205 @@
+"""The agent's transfer engine and cache store against real S3 servers."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.errors import FetchCancelled, SourceChanged, UnsafeKey
+from agent.fetch import FetchSettings, Progress, fetch_into, plan
+from agent.manifest import UNVERIFIED, VERIFIED_MD5_ETAG, Manifest
+from agent.sources import ObjectInfo, S3ObjectSource, S3Settings, s3_client
+from agent.store import CacheStore
+from datacache.localcluster import DEMO_CREDENTIALS, LocalCluster
+from datacache.localcluster import s3_client as admin_client
+from datacache.validation import parse_source
+
+SMALL_PARTS = FetchSettings(concurrency=4, part_bytes=1 << 20, multipart_threshold_bytes=1 << 20)
+
+
+@pytest.fixture(autouse=True)
+def credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in DEMO_CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
+
+
+def source(endpoint: str, uri: str) -> S3ObjectSource:
+    return S3ObjectSource(s3_client(S3Settings(endpoint_url=endpoint)), parse_source(uri))
+
+
+@pytest.fixture
+def bucket(s3_server: LocalCluster, request: pytest.FixtureRequest) -> Iterator[str]:
+    name = "fetch-" + hashlib.sha256(request.node.name.encode()).hexdigest()[:12]
+    s3_server.create_bucket(name)
+    yield name
+
+
+def test_copies_small_and_ranged_files_and_verifies(
+    s3_server: LocalCluster, bucket: str, tmp_path: Path
+) -> None:
+    client = admin_client(s3_server.s3_endpoint)
+    data = {
+        "a.txt": b"hello",
+        "empty": b"",
+        "deep/er/x.bin": os.urandom(200_000),
+        "big.bin": os.urandom(3 * (1 << 20) + 5),
+    }
+    for key, body in data.items():
+        client.put_object(Bucket=bucket, Key=f"ds/{key}", Body=body)
+    # A multipart upload: its ETag is not an MD5, so only the size can be checked.
+    upload = client.create_multipart_upload(Bucket=bucket, Key="ds/multi.bin")
+    parts = [os.urandom(5 << 20), os.urandom(1000)]
+    etags = [
+        client.upload_part(
+            Bucket=bucket,
+            Key="ds/multi.bin",
+            UploadId=upload["UploadId"],
+            PartNumber=i + 1,
+            Body=body,
+        )["ETag"]
+        for i, body in enumerate(parts)
+    ]
+    client.complete_multipart_upload(
+        Bucket=bucket,
+        Key="ds/multi.bin",
+        UploadId=upload["UploadId"],
+        MultipartUpload={"Parts": [{"ETag": e, "PartNumber": i + 1} for i, e in enumerate(etags)]},
+    )
+    data["multi.bin"] = b"".join(parts)
+
+    src = source(s3_server.s3_endpoint, f"s3://{bucket}/ds/")
+    files = plan(list(src.list()))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    progress = Progress()
+    entries = fetch_into(src, files, dest, SMALL_PARTS, progress, threading.Event())
+
+    assert {e.path: (dest / e.path).read_bytes() for e in entries} == data
+    by_path = {e.path: e for e in entries}
+    assert by_path["multi.bin"].verified == UNVERIFIED
+    assert by_path["big.bin"].verified == VERIFIED_MD5_ETAG
+    assert by_path["a.txt"].sha256 == hashlib.sha256(b"hello").hexdigest()
+    assert progress.files_done == progress.files_total == len(data)
+    assert progress.bytes_done == progress.bytes_total == sum(map(len, data.values()))
+
+
+def test_object_changed_mid_copy_fails_instead_of_mixing(
+    s3_server: LocalCluster, bucket: str, tmp_path: Path
+) -> None:
+    client = admin_client(s3_server.s3_endpoint)
+    client.put_object(Bucket=bucket, Key="ds/f", Body=b"version one")
+    src = source(s3_server.s3_endpoint, f"s3://{bucket}/ds/")
+    listed = list(src.list())
+    client.put_object(Bucket=bucket, Key="ds/f", Body=b"version two!")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(SourceChanged, match="changed while being copied"):
+        fetch_into(src, plan(listed), dest, SMALL_PARTS, Progress(), threading.Event())
+
+
+def test_cancel_stops_the_copy(s3_server: LocalCluster, bucket: str, tmp_path: Path) -> None:
+    client = admin_client(s3_server.s3_endpoint)
+    client.put_object(Bucket=bucket, Key="ds/f", Body=b"x" * 10)
+    src = source(s3_server.s3_endpoint, f"s3://{bucket}/ds/")
+    cancel = threading.Event()
+    cancel.set()
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(FetchCancelled):
+        fetch_into(src, plan(list(src.list())), dest, SMALL_PARTS, Progress(), cancel)
+
+
+HOSTILE_KEYS = ["../../etc/passwd", "/abs", "a/../../x", "dir/./f"]
+
+
+@pytest.mark.parametrize("key", HOSTILE_KEYS)
+def test_hostile_listing_is_refused_whole(moto_endpoint: str, key: str, tmp_path: Path) -> None:
+    client = admin_client(moto_endpoint)
+    bucket = "hostile-" + hashlib.sha256(key.encode()).hexdigest()[:8]
+    client.create_bucket(Bucket=bucket)
+    client.put_object(Bucket=bucket, Key="ds/good.txt", Body=b"fine")
+    client.put_object(Bucket=bucket, Key="ds/" + key, Body=b"evil")
+    src = source(moto_endpoint, f"s3://{bucket}/ds/")
+    listed = list(src.list())
+    assert any(o.key == key for o in listed), "the server must store the hostile key"
+    with pytest.raises(UnsafeKey):
+        plan(listed)
+
+
+def test_file_directory_collision_is_refused(moto_endpoint: str) -> None:
+    client = admin_client(moto_endpoint)
+    client.create_bucket(Bucket="collide")
+    client.put_object(Bucket="collide", Key="ds/a/b", Body=b"file")
+    client.put_object(Bucket="collide", Key="ds/a/b/c", Body=b"nested")
+    with pytest.raises(UnsafeKey, match="both a file and a directory"):
+        plan(list(source(moto_endpoint, "s3://collide/ds/").list()))
+
+
+def _published(store: CacheStore, name: str, content: bytes) -> Manifest:
+    staged = store.new_staging(name)
+    (staged / "f").write_bytes(content)
+    from agent.manifest import FileEntry
+
+    entry = FileEntry("f", len(content), '"x"', hashlib.sha256(content).hexdigest(), UNVERIFIED)
+    manifest = Manifest.build(name, "s3://bucket/p/", [entry])
+    store.publish(staged, manifest)
+    return manifest
+
+
+def test_store_publish_recover_and_delete(tmp_path: Path) -> None:
+    store = CacheStore(tmp_path / "cache")
+    manifest = _published(store, "ds.one", b"one")
+    assert (store.current_path("ds.one") / "f").read_bytes() == b"one"
+    leftover = store.new_staging("ds.one")
+    (leftover / "partial").write_bytes(b"half")
+    # A dataset directory with files but no `current`: a crash before publishing.
+    (store.datasets / "unpublished" / "abc").mkdir(parents=True)
+
+    reopened = CacheStore(tmp_path / "cache")
+    assert reopened.cache_id == store.cache_id
+    assert reopened.recover() == {"ds.one": manifest}
+    assert not leftover.exists()
+    assert not (store.datasets / "unpublished").exists()
+
+    newer = _published(reopened, "ds.one", b"two")
+    assert newer.version != manifest.version
+    assert (reopened.current_path("ds.one") / "f").read_bytes() == b"two"
+    assert not (reopened.dataset_dir("ds.one") / manifest.version).exists()
+
+    reopened.delete("ds.one")
+    assert not reopened.dataset_dir("ds.one").exists()
+    assert reopened.recover() == {}
+
+
+def test_tampered_manifest_is_not_trusted(tmp_path: Path) -> None:
+    store = CacheStore(tmp_path / "cache")
+    manifest = _published(store, "ds", b"content")
+    path = store.dataset_dir("ds") / f"{manifest.version}.json"
+    path.write_text(path.read_text().replace('"size":7', '"size":8'))
+    assert CacheStore(tmp_path / "cache").recover() == {}
+
+
+def test_source_conformance(s3_server: LocalCluster, moto_endpoint: str, bucket: str) -> None:
+    """Every S3 server the agent supports lists in key order and reads exact ranges."""
+    admin_client(moto_endpoint).create_bucket(Bucket=bucket)
+    body = os.urandom(70_000)
+    for endpoint in (s3_server.s3_endpoint, moto_endpoint):
+        client = admin_client(endpoint)
+        for key in ("ds/b", "ds/a/z", "ds/a/y", "other/x"):
+            client.put_object(Bucket=bucket, Key=key, Body=body)
+        src = source(endpoint, f"s3://{bucket}/ds/")
+        listed = list(src.list())
+        assert [o.key for o in listed] == ["a/y", "a/z", "b"]
+        assert all(o.size == len(body) for o in listed)
+        obj = listed[0]
+        assert b"".join(src.read_range(obj, 0, len(body))) == body
+        assert b"".join(src.read_range(obj, 1000, 5000)) == body[1000:6000]
+        assert b"".join(src.read_range(obj, 69_999, 1)) == body[-1:]
+        stale = ObjectInfo(obj.key, obj.size, '"00000000000000000000000000000000"')
+        with pytest.raises(SourceChanged):
+            b"".join(src.read_range(stale, 0, 10))
