@@ -220,11 +220,13 @@ class LocalCluster:
     # Coordinator and agents -----------------------------------------------------------------
 
     def start_coordinator(self, *extra: str, timeout: float = 30.0) -> str:
+        """Starts the coordinator; a restart listens on the same port so agents find it."""
         port_file = self.workdir / "coordinator.port"
         port_file.unlink(missing_ok=True)
+        listen = self.coordinator_address or "127.0.0.1:0"
         argv = [
             _console("datacache-coordinator"),
-            "--listen=127.0.0.1:0",
+            f"--listen={listen}",
             f"--port-file={port_file}",
             f"--db-path={self.workdir / 'coordinator.db'}",
             "--log-format=json",

@@ -9,6 +9,7 @@ import botocore.exceptions
 import pytest
 
 from datacache.localcluster import ClusterError, LocalCluster, free_port, s3_client, wait_until
+from tests.fakekube import FakeKubeAPI
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +49,11 @@ def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
         wait_until(ready, 30, "moto_server")
         yield endpoint
+
+
+@pytest.fixture
+def kube(tmp_path: Path) -> Iterator[tuple[FakeKubeAPI, Path]]:
+    """The fake Kubernetes API server and a kubeconfig pointing at it."""
+    with FakeKubeAPI() as fake:
+        yield fake, fake.write_kubeconfig(tmp_path / "kubeconfig")
+        assert not fake.server_errors, fake.server_errors

@@ -61,8 +61,13 @@ def node_labels(cluster: LocalCluster) -> dict[str, dict[str, str]]:
     return {n.name: dict(n.labels) for n in cluster.list_nodes()}
 
 
-def start(cluster: LocalCluster, nodes: int, *agent_flags: str) -> list[str]:
-    cluster.start_coordinator("--reconcile-interval-seconds=0.5")
+def start(
+    cluster: LocalCluster,
+    nodes: int,
+    *agent_flags: str,
+    coordinator_flags: tuple[str, ...] = (),
+) -> list[str]:
+    cluster.start_coordinator("--reconcile-interval-seconds=0.5", *coordinator_flags)
     names = [f"node-{i}" for i in range(1, nodes + 1)]
     for node in names:
         cluster.start_agent(node, *agent_flags)

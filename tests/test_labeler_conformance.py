@@ -1,0 +1,104 @@
+"""One conformance suite for every NodeLabeler: the local store and Kubernetes Node objects
+(through the official client, over HTTP, against the fake API server)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from coordinator.errors import LabelerError, NodeMissing
+from coordinator.k8s_labeler import KubernetesNodeLabeler, core_api
+from coordinator.labelers import LocalNodeLabeler, NodeLabeler
+from coordinator.labels import OWNED_LABELS_ANNOTATION, label_key
+from coordinator.store import Store
+from tests.fakekube import FakeKubeAPI
+
+KEY_A, KEY_B = label_key("a"), label_key("b" * 80)
+NODES = ("node-1", "node-2")
+
+
+@pytest.fixture(params=["local", "kubernetes"])
+def labeler(
+    request: pytest.FixtureRequest, tmp_path: Path, kube: tuple[FakeKubeAPI, Path]
+) -> Iterator[NodeLabeler]:
+    if request.param == "local":
+        store = Store(tmp_path / "store.db")
+        yield LocalNodeLabeler(store)
+        store.close()
+        return
+    fake, kubeconfig = kube
+    for node in NODES:
+        fake.add_node(node, labels={"team": "ml"})
+    yield KubernetesNodeLabeler(core_api(str(kubeconfig)))
+
+
+def test_set_get_and_remove(labeler: NodeLabeler) -> None:
+    async def scenario() -> None:
+        assert await labeler.labelled_nodes() == {}
+        assert await labeler.set_labels("node-1", {KEY_A: "ready", KEY_B: "ready"})
+        assert await labeler.get_labels("node-1") == {KEY_A: "ready", KEY_B: "ready"}
+        assert await labeler.set_labels("node-1", {KEY_A: "ready", KEY_B: "ready"}) is False
+        assert await labeler.set_labels("node-2", {KEY_B: "ready"})
+        assert await labeler.labelled_nodes() == {
+            "node-1": {KEY_A: "ready", KEY_B: "ready"},
+            "node-2": {KEY_B: "ready"},
+        }
+        assert await labeler.set_labels("node-1", {KEY_B: "ready"})
+        assert await labeler.get_labels("node-1") == {KEY_B: "ready"}
+        assert await labeler.set_labels("node-1", {})
+        assert await labeler.get_labels("node-1") == {}
+        assert await labeler.labelled_nodes() == {"node-2": {KEY_B: "ready"}}
+
+    asyncio.run(scenario())
+
+
+@pytest.fixture
+def k8s(kube: tuple[FakeKubeAPI, Path]) -> tuple[FakeKubeAPI, KubernetesNodeLabeler]:
+    fake, kubeconfig = kube
+    fake.add_node("node-1", labels={"team": "ml", f"{KEY_A}-user": "mine"})
+    return fake, KubernetesNodeLabeler(core_api(str(kubeconfig)))
+
+
+def test_kubernetes_never_touches_foreign_labels(
+    k8s: tuple[FakeKubeAPI, KubernetesNodeLabeler],
+) -> None:
+    fake, labeler = k8s
+    asyncio.run(labeler.set_labels("node-1", {KEY_A: "ready"}))
+    node = fake.get_node("node-1")
+    assert node is not None
+    assert node["metadata"]["labels"] == {"team": "ml", f"{KEY_A}-user": "mine", KEY_A: "ready"}
+    assert node["metadata"]["annotations"][OWNED_LABELS_ANNOTATION] == KEY_A
+    asyncio.run(labeler.set_labels("node-1", {}))
+    node = fake.get_node("node-1")
+    assert node is not None
+    assert node["metadata"]["labels"] == {"team": "ml", f"{KEY_A}-user": "mine"}
+    assert OWNED_LABELS_ANNOTATION not in node["metadata"].get("annotations", {})
+    patches = [r for r in fake.requests if r.method == "PATCH"]
+    assert patches and all(r.content_type == "application/merge-patch+json" for r in patches)
+
+
+def test_kubernetes_retries_conflicts(k8s: tuple[FakeKubeAPI, KubernetesNodeLabeler]) -> None:
+    fake, labeler = k8s
+    fake.inject_conflicts("nodes", name="node-1", count=2)
+    assert asyncio.run(labeler.set_labels("node-1", {KEY_A: "ready"}))
+    assert asyncio.run(labeler.get_labels("node-1")) == {KEY_A: "ready"}
+
+
+def test_kubernetes_gives_up_after_bounded_conflicts(
+    k8s: tuple[FakeKubeAPI, KubernetesNodeLabeler],
+) -> None:
+    fake, labeler = k8s
+    fake.inject_conflicts("nodes", name="node-1", count=50)
+    with pytest.raises(LabelerError, match="failed 5 times") as info:
+        asyncio.run(labeler.set_labels("node-1", {KEY_A: "ready"}))
+    assert getattr(info.value.__cause__, "status", None) == 409
+
+
+def test_kubernetes_missing_node(k8s: tuple[FakeKubeAPI, KubernetesNodeLabeler]) -> None:
+    _, labeler = k8s
+    with pytest.raises(NodeMissing, match="node-9"):
+        asyncio.run(labeler.set_labels("node-9", {KEY_A: "ready"}))
+    assert asyncio.run(labeler.get_labels("node-9")) == {}
