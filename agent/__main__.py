@@ -11,10 +11,11 @@ import click
 from agent.fetch import FetchSettings
 from agent.runner import Agent
 from agent.settings import AgentSettings
-from agent.sources import S3ObjectSource, S3Settings, Source, s3_client
+from agent.sources import SourceOpener
+from agent.sources.s3 import S3Settings
 from agent.store import CacheStore
 from datacache import __version__, logs
-from datacache.validation import InvalidInput, parse_source, validate_dataset_name
+from datacache.validation import InvalidInput, validate_dataset_name
 
 _FETCH = FetchSettings()
 
@@ -137,17 +138,14 @@ def main(
         report_interval_seconds=report_interval_seconds,
         retry_base_seconds=retry_base_seconds,
     )
-    client = s3_client(settings.s3)
-
-    def source_for(uri: str) -> Source:
-        return S3ObjectSource(client, parse_source(uri))
+    opener = SourceOpener(settings.s3)
 
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        agent = Agent(settings, CacheStore(settings.cache_dir), source_for)
+        agent = Agent(settings, CacheStore(settings.cache_dir), opener.open)
         await agent.run(stop)
 
     asyncio.run(run())

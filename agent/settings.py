@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.fetch import FetchSettings
-from agent.sources import S3Settings
+from agent.sources.s3 import S3Settings
 
 
 @dataclass(frozen=True)

@@ -57,19 +57,84 @@ def validate_replicas(replicas: int) -> int:
     return replicas
 
 
-def parse_source(uri: str) -> S3Source:
-    """Parses a dataset source URI. Only `s3://bucket/prefix` is supported so far."""
+@dataclass(frozen=True)
+class FileSource:
+    """A parsed `file:///absolute/dir` source: a directory already mounted on every node."""
+
+    path: str
+    """Absolute, normalised, ending with '/'."""
+
+    @property
+    def uri(self) -> str:
+        return f"file://{self.path}"
+
+
+@dataclass(frozen=True)
+class NfsSource:
+    """A parsed `nfs://server[:port]/export/path` source, read in user space (no mount)."""
+
+    server: str
+    port: int | None
+    path: str
+    """Absolute path on the server (export and directory below it), ending with '/'."""
+
+    @property
+    def uri(self) -> str:
+        netloc = f"{self.server}:{self.port}" if self.port else self.server
+        return f"nfs://{netloc}{self.path}"
+
+
+SourceLocation = S3Source | FileSource | NfsSource
+SUPPORTED_SOURCES = "s3://bucket/prefix/, nfs://server/export/dir/ or file:///mounted/dir/"
+_HOST = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9.]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]")
+
+
+def _clean_path(uri: str, path: str) -> str:
+    """Checks an absolute directory path: no empty, '.' or '..' segments; returns it with a
+    trailing '/'."""
+    if not path.startswith("/"):
+        raise InvalidInput(f"source {uri!r}: the path must be absolute")
+    if len(path.encode()) > MAX_PREFIX_BYTES:
+        raise InvalidInput(f"source {uri!r}: path is longer than {MAX_PREFIX_BYTES} bytes")
+    segments = path.strip("/").split("/") if path.strip("/") else []
+    if any(s in ("", ".", "..") for s in segments):
+        raise InvalidInput(
+            f"source {uri!r}: path has an empty, '.' or '..' segment; write it as /dir/subdir/"
+        )
+    return "/" + "".join(f"{s}/" for s in segments)
+
+
+def parse_source(uri: str) -> SourceLocation:
+    """Parses a dataset source URI: s3://, nfs:// or file://."""
     if not uri:
-        raise InvalidInput("source is empty: give an URI like s3://bucket/prefix/")
+        raise InvalidInput(f"source is empty: give an URI like {SUPPORTED_SOURCES}")
     if any(ord(c) < 0x20 or c == "\x7f" for c in uri):
         raise InvalidInput(f"source {uri!r} contains control characters")
     parts = urlsplit(uri)
-    if parts.scheme != "s3":
+    if parts.scheme not in ("s3", "nfs", "file"):
         raise InvalidInput(
-            f"source {uri!r} has scheme {parts.scheme or '(none)'!r}; supported: s3://bucket/prefix/"
+            f"source {uri!r} has scheme {parts.scheme or '(none)'!r}; "
+            f"supported: {SUPPORTED_SOURCES}"
         )
-    if parts.query or parts.fragment or parts.username or parts.port:
-        raise InvalidInput(f"source {uri!r} must not carry a query, fragment, user or port")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise InvalidInput(f"source {uri!r} must not carry a query, fragment or user")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise InvalidInput(f"source {uri!r}: invalid port") from exc
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise InvalidInput(f"source {uri!r}: file:// URIs take no host (file:///dir/)")
+        return FileSource(_clean_path(uri, parts.path))
+    if parts.scheme == "nfs":
+        host = parts.hostname or ""
+        if parts.path in ("", "/"):
+            raise InvalidInput(f"source {uri!r}: give the export path, nfs://server/export/")
+        if not _HOST.fullmatch(parts.netloc.rsplit(":", 1)[0] if port else parts.netloc):
+            raise InvalidInput(f"source {uri!r}: {host!r} is not a valid NFS server name")
+        return NfsSource(host, port, _clean_path(uri, parts.path))
+    if port:
+        raise InvalidInput(f"source {uri!r}: S3 URIs take no port (set the endpoint instead)")
     bucket = parts.netloc
     if not _BUCKET.fullmatch(bucket) or ".." in bucket:
         raise InvalidInput(

@@ -13,11 +13,11 @@ import pytest
 from agent.errors import FetchCancelled, SourceChanged, UnsafeKey
 from agent.fetch import FetchSettings, Progress, fetch_into, plan
 from agent.manifest import UNVERIFIED, VERIFIED_MD5_ETAG, Manifest
-from agent.sources import ObjectInfo, S3ObjectSource, S3Settings, s3_client
+from agent.sources import ObjectInfo, Source, SourceOpener
+from agent.sources.s3 import S3Settings
 from agent.store import CacheStore
 from datacache.localcluster import DEMO_CREDENTIALS, LocalCluster
 from datacache.localcluster import s3_client as admin_client
-from datacache.validation import parse_source
 
 SMALL_PARTS = FetchSettings(concurrency=4, part_bytes=1 << 20, multipart_threshold_bytes=1 << 20)
 
@@ -28,8 +28,8 @@ def credentials(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(key, value)
 
 
-def source(endpoint: str, uri: str) -> S3ObjectSource:
-    return S3ObjectSource(s3_client(S3Settings(endpoint_url=endpoint)), parse_source(uri))
+def source(endpoint: str, uri: str) -> Source:
+    return SourceOpener(S3Settings(endpoint_url=endpoint)).open(uri)
 
 
 @pytest.fixture

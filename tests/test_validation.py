@@ -3,7 +3,10 @@ from __future__ import annotations
 import pytest
 
 from datacache.validation import (
+    FileSource,
     InvalidInput,
+    NfsSource,
+    S3Source,
     parse_source,
     validate_dataset_name,
     validate_replicas,
@@ -46,6 +49,7 @@ def test_invalid_dataset_names_say_why(name: str, fragment: str) -> None:
 )
 def test_parse_source(uri: str, bucket: str, prefix: str) -> None:
     source = parse_source(uri)
+    assert isinstance(source, S3Source)
     assert (source.bucket, source.prefix) == (bucket, prefix)
     assert parse_source(source.uri) == source
 
@@ -55,6 +59,13 @@ def test_parse_source(uri: str, bucket: str, prefix: str) -> None:
     [
         ("", "empty"),
         ("http://bucket/x", "scheme"),
+        ("file://host/x", "no host"),
+        ("file://relative", "no host"),
+        ("file:///a/../b", "'..'"),
+        ("nfs://server", "export"),
+        ("nfs://bad_host!/x", "not a valid NFS server"),
+        ("nfs://server:99999/x", "port"),
+        ("s3://bucket:9000/x", "no port"),
         ("bucket/prefix", "scheme"),
         ("s3://Bucket/x", "not a valid S3 bucket"),
         ("s3://b/x", "not a valid S3 bucket"),
@@ -75,3 +86,12 @@ def test_invalid_sources_say_why(uri: str, fragment: str) -> None:
 def test_replica_bounds(replicas: int) -> None:
     with pytest.raises(InvalidInput, match="replicas"):
         validate_replicas(replicas)
+
+
+def test_parse_file_and_nfs_sources() -> None:
+    assert parse_source("file:///mnt/data") == FileSource("/mnt/data/")
+    assert parse_source("file:///") == FileSource("/")
+    nfs = parse_source("nfs://filer.local:2049/export/sets/imagenet")
+    assert nfs == NfsSource("filer.local", 2049, "/export/sets/imagenet/")
+    assert parse_source(nfs.uri) == nfs
+    assert parse_source("nfs://10.0.0.5/export/") == NfsSource("10.0.0.5", None, "/export/")

@@ -1,50 +1,21 @@
-"""The narrow `Source` interface the transfer engine reads through, and its S3 implementation.
-
-A source lists the objects under a dataset's prefix and reads byte ranges of one object, pinned
-to the version it listed (an S3 ETag): if the object changed since, the read fails with
-`SourceChanged` instead of mixing bytes of two versions.
-"""
+"""S3 (and S3-compatible) sources, read with boto3."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import boto3
 import botocore.config
 import botocore.exceptions
 
 from agent.errors import SourceChanged, SourceError
+from agent.sources.base import READ_CHUNK_BYTES, ObjectInfo
 from datacache.validation import S3Source as S3Location
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
-
-# Each ranged read is consumed in chunks this large, so memory per in-flight read is bounded
-# by it whatever the range size.
-READ_CHUNK_BYTES = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    key: str
-    """Key relative to the dataset prefix."""
-    size: int
-    """Bytes."""
-    etag: str
-    """Opaque version tag, compared with If-Match on every read."""
-
-
-class Source(Protocol):
-    def list(self) -> Iterator[ObjectInfo]:
-        """Every object under the dataset prefix, in key order."""
-        ...
-
-    def read_range(self, obj: ObjectInfo, offset: int, length: int) -> Iterator[bytes]:
-        """Bytes [offset, offset+length) of `obj` as it was listed, in chunks of at most
-        `READ_CHUNK_BYTES`. Raises `SourceChanged` if the object changed."""
-        ...
 
 
 @dataclass(frozen=True)
