@@ -1,23 +1,109 @@
-"""`datacache-agent`: every flag is also an environment variable DATACACHE_<FLAG>."""
+"""`datacache-agent run` (the node daemon) and `datacache-agent fetch` (one copy, no
+coordinator). Every option is also an environment variable, named on `--help`."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import secrets
+import shutil
 import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
-from agent.fetch import FetchSettings
+from agent.errors import AgentError
+from agent.fetch import FetchSettings, Progress, fetch_into, plan
+from agent.manifest import Manifest
 from agent.runner import Agent
 from agent.settings import AgentSettings
 from agent.sources import SourceOpener
 from agent.sources.s3 import S3Settings
 from agent.store import CacheStore
 from datacache import __version__, logs
-from datacache.validation import InvalidInput, validate_dataset_name
+from datacache.validation import InvalidInput, parse_source, validate_dataset_name
 
 _FETCH = FetchSettings()
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _env(name: str) -> str:
+    return f"DATACACHE_{name.upper().replace('-', '_')}"
+
+
+def option(name: str, **kwargs: Any) -> Callable[[F], F]:
+    """A click option whose environment variable is DATACACHE_<NAME>."""
+    return click.option(f"--{name}", envvar=_env(name), show_envvar=True, **kwargs)
+
+
+def transfer_options(fn: F) -> F:
+    """Options shared by `run` and `fetch`: how bytes are moved."""
+    decorators = [
+        option(
+            "s3-endpoint-url",
+            default=None,
+            help="S3-compatible endpoint (default: AWS, or AWS_ENDPOINT_URL_S3).",
+        ),
+        option("s3-region", default=None, help="Region for request signing."),
+        option(
+            "concurrency",
+            type=click.IntRange(1, 256),
+            default=_FETCH.concurrency,
+            help="Parallel reads. Memory: concurrency x 1 MiB.",
+        ),
+        option(
+            "part-bytes",
+            type=click.IntRange(1 << 20, 1 << 30),
+            default=_FETCH.part_bytes,
+            help="Range size for large files (bytes).",
+        ),
+        option(
+            "multipart-threshold-bytes",
+            type=click.IntRange(1 << 20),
+            default=_FETCH.multipart_threshold_bytes,
+            help="Files larger than this are read as parallel ranges (bytes).",
+        ),
+        option(
+            "fsync/--no-fsync",
+            default=_FETCH.fsync,
+            help="fsync every file and directory before publishing.",
+        ),
+        option(
+            "log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info"
+        ),
+        option(
+            "log-format",
+            type=click.Choice(["auto", "json", "text"]),
+            default="auto",
+            help="auto: text on a terminal, JSON lines otherwise.",
+        ),
+    ]
+    for decorate in reversed(decorators):
+        fn = decorate(fn)
+    return fn
+
+
+def _fetch_settings(kwargs: dict[str, Any]) -> FetchSettings:
+    return FetchSettings(
+        concurrency=kwargs["concurrency"],
+        part_bytes=kwargs["part_bytes"],
+        multipart_threshold_bytes=kwargs["multipart_threshold_bytes"],
+        fsync=kwargs["fsync"],
+    )
+
+
+def _s3_settings(kwargs: dict[str, Any]) -> S3Settings:
+    return S3Settings(
+        endpoint_url=kwargs["s3_endpoint_url"],
+        region=kwargs["s3_region"],
+        max_connections=max(10, kwargs["concurrency"]),
+    )
 
 
 def _node_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -27,120 +113,56 @@ def _node_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
         raise click.BadParameter(str(exc).replace("dataset name", "node name")) from exc
 
 
-@click.command(context_settings={"auto_envvar_prefix": "DATACACHE", "show_default": True})
+@click.group(context_settings={"show_default": True})
 @click.version_option(__version__, prog_name="datacache-agent")
-@click.option(
-    "--node-name",
+def main() -> None:
+    """The datacache node agent."""
+
+
+@main.command()
+@option(
+    "node-name",
     required=True,
     callback=_node_name,
-    show_envvar=True,
     help="This node's name (downward API spec.nodeName in a cluster).",
 )
-@click.option(
-    "--coordinator",
-    default="datacache-coordinator:7400",
-    show_envvar=True,
-    help="Coordinator gRPC address host:port.",
+@option(
+    "coordinator", default="datacache-coordinator:7400", help="Coordinator gRPC address host:port."
 )
-@click.option(
-    "--cache-dir",
+@option(
+    "cache-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("/var/lib/datacache"),
-    show_envvar=True,
     help="Cache root directory.",
 )
-@click.option(
-    "--s3-endpoint-url",
-    default=None,
-    show_envvar=True,
-    help="S3-compatible endpoint (default: AWS, or AWS_ENDPOINT_URL_S3).",
-)
-@click.option("--s3-region", default=None, show_envvar=True, help="Region for signing.")
-@click.option(
-    "--concurrency",
-    type=click.IntRange(1, 256),
-    default=_FETCH.concurrency,
-    show_envvar=True,
-    help="Parallel reads. Memory: concurrency x 1 MiB.",
-)
-@click.option(
-    "--part-bytes",
-    type=click.IntRange(1 << 20, 1 << 30),
-    default=_FETCH.part_bytes,
-    show_envvar=True,
-    help="Range size for large files (bytes).",
-)
-@click.option(
-    "--multipart-threshold-bytes",
-    type=click.IntRange(1 << 20),
-    default=_FETCH.multipart_threshold_bytes,
-    show_envvar=True,
-    help="Files larger than this are read as parallel ranges (bytes).",
-)
-@click.option(
-    "--report-interval-seconds",
+@option(
+    "report-interval-seconds",
     type=click.FloatRange(0.2, 600),
     default=5.0,
-    show_envvar=True,
     help="Longest time between state reports (s).",
 )
-@click.option(
-    "--retry-base-seconds",
+@option(
+    "retry-base-seconds",
     type=click.FloatRange(0.1, 3600),
     default=5.0,
-    show_envvar=True,
     help="First retry delay for a failed dataset (s), doubling.",
 )
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
-    default="info",
-    show_envvar=True,
-)
-@click.option(
-    "--log-format",
-    type=click.Choice(["auto", "json", "text"]),
-    default="auto",
-    show_envvar=True,
-    help="auto: text on a terminal, JSON lines otherwise.",
-)
-def main(
-    node_name: str,
-    coordinator: str,
-    cache_dir: Path,
-    s3_endpoint_url: str | None,
-    s3_region: str | None,
-    concurrency: int,
-    part_bytes: int,
-    multipart_threshold_bytes: int,
-    report_interval_seconds: float,
-    retry_base_seconds: float,
-    log_level: str,
-    log_format: logs.LogFormat,
-) -> None:
-    """Run the datacache agent for one node."""
-    logs.configure(log_level, log_format, node=node_name)
-    fetch = FetchSettings(
-        concurrency=concurrency,
-        part_bytes=part_bytes,
-        multipart_threshold_bytes=multipart_threshold_bytes,
-    )
+@transfer_options
+def run(**kwargs: Any) -> None:
+    """Run the agent for one node: register with the coordinator and keep its datasets."""
+    logs.configure(kwargs["log_level"], kwargs["log_format"], node=kwargs["node_name"])
     settings = AgentSettings(
-        node_name=node_name,
-        coordinator=coordinator,
-        cache_dir=cache_dir,
-        fetch=fetch,
-        s3=S3Settings(
-            endpoint_url=s3_endpoint_url,
-            region=s3_region,
-            max_connections=max(10, concurrency),
-        ),
-        report_interval_seconds=report_interval_seconds,
-        retry_base_seconds=retry_base_seconds,
+        node_name=kwargs["node_name"],
+        coordinator=kwargs["coordinator"],
+        cache_dir=kwargs["cache_dir"],
+        fetch=_fetch_settings(kwargs),
+        s3=_s3_settings(kwargs),
+        report_interval_seconds=kwargs["report_interval_seconds"],
+        retry_base_seconds=kwargs["retry_base_seconds"],
     )
     opener = SourceOpener(settings.s3)
 
-    async def run() -> None:
+    async def serve() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -148,7 +170,105 @@ def main(
         agent = Agent(settings, CacheStore(settings.cache_dir), opener.open)
         await agent.run(stop)
 
-    asyncio.run(run())
+    asyncio.run(serve())
+
+
+def _progress_printer(progress: Progress, done: threading.Event) -> threading.Thread:
+    def show() -> None:
+        while not done.wait(0.2):
+            total = progress.bytes_total or 1
+            width = 30
+            filled = width * progress.bytes_done // total
+            sys.stderr.write(
+                f"\r[{'#' * filled}{'.' * (width - filled)}] "
+                f"{progress.files_done}/{progress.files_total} files "
+                f"{progress.bytes_done / 2**20:.0f}/{progress.bytes_total / 2**20:.0f} MiB"
+            )
+            sys.stderr.flush()
+        sys.stderr.write("\n")
+
+    thread = threading.Thread(target=show, daemon=True)
+    thread.start()
+    return thread
+
+
+@main.command()
+@click.argument("source")
+@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+@option(
+    "manifest",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the copy's manifest (JSON) here.",
+)
+@option(
+    "progress/--no-progress",
+    default=None,
+    help="Progress bar on stderr (default: when stderr is a terminal).",
+)
+@transfer_options
+def fetch(source: str, dest: Path, **kwargs: Any) -> None:
+    """Copy the dataset at SOURCE into the new directory DEST, verified, without a coordinator.
+
+    The copy is staged beside DEST and renamed into place only when every file is verified.
+    """
+    logs.configure(kwargs["log_level"], kwargs["log_format"])
+    try:
+        parse_source(source)
+    except InvalidInput as exc:
+        raise click.BadParameter(str(exc), param_hint="SOURCE") from exc
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise click.BadParameter(f"{dest} exists and is not an empty directory", param_hint="DEST")
+    settings = _fetch_settings(kwargs)
+    progress, done, cancel = Progress(), threading.Event(), threading.Event()
+    show = kwargs["progress"] if kwargs["progress"] is not None else sys.stderr.isatty()
+    staged = dest.parent / f".{dest.name}.partial-{secrets.token_hex(4)}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staged.mkdir()
+    printer = _progress_printer(progress, done) if show else None
+    started = time.monotonic()
+    try:
+        src = SourceOpener(_s3_settings(kwargs)).open(source)
+        files, refused = plan(list(src.list()))
+        entries = fetch_into(src, files, staged, settings, progress, cancel)
+        if dest.exists():
+            dest.rmdir()
+        staged.rename(dest)
+        if settings.fsync:
+            fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    except AgentError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except KeyboardInterrupt:
+        cancel.set()
+        raise
+    finally:
+        done.set()
+        if printer is not None:
+            printer.join()
+        shutil.rmtree(staged, ignore_errors=True)
+    seconds = time.monotonic() - started
+    manifest = Manifest.build("fetch", source, entries)
+    if kwargs["manifest"] is not None:
+        kwargs["manifest"].write_text(manifest.to_json())
+    methods: dict[str, int] = {}
+    for entry in entries:
+        methods[entry.verified] = methods.get(entry.verified, 0) + 1
+    summary = {
+        "files": len(entries),
+        "bytes": manifest.total_bytes,
+        "seconds": round(seconds, 3),
+        "mib_per_second": round(manifest.total_bytes / 2**20 / max(seconds, 1e-9), 1),
+        "digest": manifest.digest,
+        "verification": methods,
+        "refused": [{"key": key, "reason": reason} for key, reason in refused],
+    }
+    click.echo(json.dumps(summary))
+    if refused:
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,10 @@ from agent.errors import (
     FetchCancelled,
     SourceChanged,
     SourceError,
+    UnsafeKey,
     VerificationError,
 )
-from agent.keys import check_no_collisions, is_directory_marker, key_to_parts
+from agent.keys import find_collisions, is_directory_marker, key_to_parts
 from agent.manifest import UNVERIFIED, VERIFIED_MD5_ETAG, FileEntry
 from agent.sources import ObjectInfo, Source
 
@@ -55,6 +56,9 @@ class FetchSettings:
     """Files larger than this are read as parallel ranges, bytes."""
     attempts: int = 3
     """Tries per unit (small file or range) before the fetch fails."""
+    fsync: bool = True
+    """fsync every file and directory before the copy counts as done. Off only for
+    benchmarks and throw-away copies."""
 
 
 @dataclass
@@ -79,15 +83,30 @@ class PlannedFile:
     parts: tuple[str, ...]
 
 
-def plan(objects: list[ObjectInfo]) -> list[PlannedFile]:
-    """Maps a listing to paths, rejecting it whole if any key is unsafe or collides."""
-    planned = [
-        PlannedFile(obj, key_to_parts(obj.key))
-        for obj in objects
-        if not (is_directory_marker(obj.key) and obj.size == 0)
-    ]
-    check_no_collisions(p.parts for p in planned)
-    return planned
+def plan(objects: list[ObjectInfo]) -> tuple[list[PlannedFile], list[tuple[str, str]]]:
+    """Maps a listing to paths. Returns the files to copy and the refused keys with the reason
+    (unsafe keys, file/directory collisions); empty directory markers are skipped."""
+    planned: list[PlannedFile] = []
+    refused: list[tuple[str, str]] = []
+    for obj in objects:
+        if is_directory_marker(obj.key) and obj.size == 0:
+            continue
+        try:
+            planned.append(PlannedFile(obj, key_to_parts(obj.key)))
+        except UnsafeKey as exc:
+            refused.append((obj.key, str(exc)))
+    collisions = find_collisions(p.parts for p in planned)
+    kept: list[PlannedFile] = []
+    taken: set[tuple[str, ...]] = set()
+    for p in planned:
+        reason = collisions.get(p.parts)
+        # A repeated key keeps its first occurrence; a file/directory clash keeps neither file.
+        if reason is None or (p.parts not in taken and reason.startswith("appears")):
+            kept.append(p)
+            taken.add(p.parts)
+        else:
+            refused.append((p.obj.key, f"object key {p.obj.key!r} {reason}"))
+    return kept, refused
 
 
 def _open_dir(root_fd: int, parts: tuple[str, ...], create: bool) -> int:
@@ -234,7 +253,8 @@ class _Engine:
                 raise VerificationError(
                     f"{obj.key!r}: content MD5 {md5} does not match ETag {obj.etag}"
                 )
-            os.fsync(fd)
+            if self.settings.fsync:
+                os.fsync(fd)
         finally:
             job.close()
         entry = FileEntry(
@@ -316,7 +336,8 @@ def fetch_into(
                 raise error
         if cancel.is_set():
             raise FetchCancelled("fetch cancelled")
-        _fsync_tree(root_fd, dirs)
+        if settings.fsync:
+            _fsync_tree(root_fd, dirs)
         return engine.entries
     except AgentError:
         raise

@@ -42,16 +42,17 @@ def key_to_parts(key: str) -> tuple[str, ...]:
     return parts
 
 
-def check_no_collisions(paths: Iterable[tuple[str, ...]]) -> None:
-    """Raises `UnsafeKey` when a file path is also a directory of another path, or repeats."""
-    files: set[tuple[str, ...]] = set()
+def find_collisions(paths: Iterable[tuple[str, ...]]) -> dict[tuple[str, ...], str]:
+    """Paths that cannot be created beside the others, with the reason: a file path that is
+    also a directory of another path, or a repeated path (the repeat is refused)."""
+    seen: set[tuple[str, ...]] = set()
     dirs: set[tuple[str, ...]] = set()
+    refused: dict[tuple[str, ...], str] = {}
     for parts in paths:
-        if parts in files:
-            raise UnsafeKey(f"object key {'/'.join(parts)!r} appears twice")
-        files.add(parts)
+        if parts in seen:
+            refused[parts] = "appears twice in the listing"
+        seen.add(parts)
         dirs.update(parts[:i] for i in range(1, len(parts)))
-    clash = files & dirs
-    if clash:
-        key = "/".join(sorted(clash)[0])
-        raise UnsafeKey(f"object key {key!r} is both a file and a directory prefix of other keys")
+    for parts in seen & dirs:
+        refused[parts] = "is both a file and a directory prefix of other keys"
+    return refused

@@ -80,6 +80,8 @@ class Replica:
     progress: Progress = field(default_factory=Progress)
     message: str = ""
     failures: int = 0
+    refused: int = 0
+    """Object keys of the source that could not be copied (unsafe or colliding)."""
     retry_at: float = 0.0
     task: asyncio.Task[None] | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -95,6 +97,7 @@ class Replica:
                 bytes_done=nbytes,
                 files_total=files,
                 bytes_total=nbytes,
+                message=f"{self.refused} unsafe object keys refused" if self.refused else "",
             )
         state = {
             Phase.FETCHING: pb.REPLICA_STATE_FETCHING,
@@ -226,13 +229,16 @@ class Agent:
 
     def _fetch_sync(self, name: str, replica: Replica) -> Manifest:
         source = self._source_for(replica.source)
-        files = plan(list(source.list()))
+        files, refused = plan(list(source.list()))
+        for key, reason in refused:
+            log.warning("Refused object: %s", reason, extra={"dataset": name, "object": key})
         staged = self._store.new_staging(name)
         try:
             entries = fetch_into(
                 source, files, staged, self._settings.fetch, replica.progress, replica.cancel
             )
             manifest = Manifest.build(name, replica.source, entries)
+            replica.refused = len(refused)
             if replica.cancel.is_set():
                 raise FetchCancelled("fetch cancelled")
             self._store.publish(staged, manifest)

@@ -253,6 +253,7 @@ class LocalCluster:
     def start_agent(self, node: str, *extra: str) -> Process:
         argv = [
             _console("datacache-agent"),
+            "run",
             f"--node-name={node}",
             f"--coordinator={self.coordinator_address}",
             f"--cache-dir={self.cache_dir(node)}",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import FetchCancelled, SourceChanged, UnsafeKey
+from agent.errors import FetchCancelled, SourceChanged
 from agent.fetch import FetchSettings, Progress, fetch_into, plan
 from agent.manifest import UNVERIFIED, VERIFIED_MD5_ETAG, Manifest
 from agent.sources import ObjectInfo, Source, SourceOpener
@@ -73,7 +73,8 @@ def test_copies_small_and_ranged_files_and_verifies(
     data["multi.bin"] = b"".join(parts)
 
     src = source(s3_server.s3_endpoint, f"s3://{bucket}/ds/")
-    files = plan(list(src.list()))
+    files, refused = plan(list(src.list()))
+    assert refused == []
     dest = tmp_path / "dest"
     dest.mkdir()
     progress = Progress()
@@ -99,7 +100,7 @@ def test_object_changed_mid_copy_fails_instead_of_mixing(
     dest = tmp_path / "dest"
     dest.mkdir()
     with pytest.raises(SourceChanged, match="changed while being copied"):
-        fetch_into(src, plan(listed), dest, SMALL_PARTS, Progress(), threading.Event())
+        fetch_into(src, plan(listed)[0], dest, SMALL_PARTS, Progress(), threading.Event())
 
 
 def test_cancel_stops_the_copy(s3_server: LocalCluster, bucket: str, tmp_path: Path) -> None:
@@ -111,14 +112,14 @@ def test_cancel_stops_the_copy(s3_server: LocalCluster, bucket: str, tmp_path: P
     dest = tmp_path / "dest"
     dest.mkdir()
     with pytest.raises(FetchCancelled):
-        fetch_into(src, plan(list(src.list())), dest, SMALL_PARTS, Progress(), cancel)
+        fetch_into(src, plan(list(src.list()))[0], dest, SMALL_PARTS, Progress(), cancel)
 
 
 HOSTILE_KEYS = ["../../etc/passwd", "/abs", "a/../../x", "dir/./f"]
 
 
 @pytest.mark.parametrize("key", HOSTILE_KEYS)
-def test_hostile_listing_is_refused_whole(moto_endpoint: str, key: str, tmp_path: Path) -> None:
+def test_hostile_keys_are_refused_per_file(moto_endpoint: str, key: str, tmp_path: Path) -> None:
     client = admin_client(moto_endpoint)
     bucket = "hostile-" + hashlib.sha256(key.encode()).hexdigest()[:8]
     client.create_bucket(Bucket=bucket)
@@ -127,8 +128,16 @@ def test_hostile_listing_is_refused_whole(moto_endpoint: str, key: str, tmp_path
     src = source(moto_endpoint, f"s3://{bucket}/ds/")
     listed = list(src.list())
     assert any(o.key == key for o in listed), "the server must store the hostile key"
-    with pytest.raises(UnsafeKey):
-        plan(listed)
+    files, refused = plan(listed)
+    assert [f.obj.key for f in files] == ["good.txt"]
+    assert [k for k, _ in refused] == [key]
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    fetch_into(src, files, dest, SMALL_PARTS, Progress(), threading.Event())
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "dest",
+        "dest/good.txt",
+    ]
 
 
 def test_file_directory_collision_is_refused(moto_endpoint: str) -> None:
@@ -136,8 +145,9 @@ def test_file_directory_collision_is_refused(moto_endpoint: str) -> None:
     client.create_bucket(Bucket="collide")
     client.put_object(Bucket="collide", Key="ds/a/b", Body=b"file")
     client.put_object(Bucket="collide", Key="ds/a/b/c", Body=b"nested")
-    with pytest.raises(UnsafeKey, match="both a file and a directory"):
-        plan(list(source(moto_endpoint, "s3://collide/ds/").list()))
+    files, refused = plan(list(source(moto_endpoint, "s3://collide/ds/").list()))
+    assert [f.obj.key for f in files] == ["a/b/c"]
+    assert len(refused) == 1 and "both a file and a directory" in refused[0][1]
 
 
 def _published(store: CacheStore, name: str, content: bytes) -> Manifest:

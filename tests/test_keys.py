@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.errors import UnsafeKey
-from agent.keys import check_no_collisions, key_to_parts
+from agent.keys import find_collisions, key_to_parts
 
 
 @pytest.mark.parametrize(
@@ -35,12 +35,11 @@ def test_plain_keys_map_to_components() -> None:
     assert key_to_parts("..hidden/x..y") == ("..hidden", "x..y")
 
 
-def test_file_and_directory_collision_is_rejected() -> None:
-    with pytest.raises(UnsafeKey, match="both a file and a directory"):
-        check_no_collisions([("a", "b"), ("a", "b", "c")])
-    with pytest.raises(UnsafeKey, match="twice"):
-        check_no_collisions([("a",), ("a",)])
-    check_no_collisions([("a", "b"), ("a", "c"), ("d",)])
+def test_file_and_directory_collision_is_found() -> None:
+    found = find_collisions([("a", "b"), ("a", "b", "c")])
+    assert found == {("a", "b"): "is both a file and a directory prefix of other keys"}
+    assert find_collisions([("a",), ("a",)]) == {("a",): "appears twice in the listing"}
+    assert find_collisions([("a", "b"), ("a", "c"), ("d",)]) == {}
 
 
 @given(st.text(max_size=300))

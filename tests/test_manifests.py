@@ -577,7 +577,9 @@ def option_flags(command: click.Command) -> set[str]:
     return {opt for p in command.params if isinstance(p, click.Option) for opt in p.opts}
 
 
-COMMANDS = {"datacache-agent": agent_main, "datacache-coordinator": coordinator_main}
+# The agent image runs `datacache-agent run`; its container args must start with "run".
+AGENT_RUN = agent_main.commands["run"] if isinstance(agent_main, click.Group) else agent_main
+COMMANDS = {"datacache-agent": AGENT_RUN, "datacache-coordinator": coordinator_main}
 
 
 def containers_by_command() -> Iterator[tuple[str, click.Command, Doc]]:
@@ -591,9 +593,15 @@ def containers_by_command() -> Iterator[tuple[str, click.Command, Doc]]:
 
 
 def test_envvar_names_follow_click() -> None:
-    assert "DATACACHE_NODE_NAME" in envvar_names(agent_main)
+    assert "DATACACHE_NODE_NAME" in envvar_names(AGENT_RUN)
     assert "DATACACHE_DB_PATH" in envvar_names(coordinator_main)
-    assert "DATACACHE_VERSION" not in envvar_names(agent_main)
+    assert "DATACACHE_VERSION" not in envvar_names(AGENT_RUN)
+
+
+def test_agent_container_runs_the_run_subcommand() -> None:
+    for image, _, container in containers_by_command():
+        if image == "datacache-agent":
+            assert container.get("args", [])[:1] == ["run"]
 
 
 def test_every_datacache_variable_in_the_manifests_is_a_flag() -> None:
