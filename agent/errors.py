@@ -38,3 +38,7 @@ class FetchCancelled(AgentError):
 
 class StoreError(AgentError):
     pass
+
+
+class DiskFull(StoreError):
+    pass

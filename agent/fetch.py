@@ -1,34 +1,45 @@
 """The transfer engine: copies every object of a listing into an empty staging directory.
 
-Work is split into units: a small file is one unit (one GET, hashed as it streams); a file
-larger than `multipart_threshold_bytes` is split into `part_bytes` ranges written in place with
-`pwrite`, then hashed by reading it back. Units run on `concurrency` threads.
+Work is split into units: a small file is one unit (one whole-object GET); a file larger than
+`multipart_threshold_bytes` is split into `part_bytes` ranges written in place with `pwrite`.
+Units run on `concurrency` threads. Each unit computes the CRC64/NVME of its bytes as they
+arrive; a file's CRC is the combination of its units' (no second pass).
 
 Memory: each unit holds at most one `READ_CHUNK_BYTES` (1 MiB) chunk at a time, so the engine's
 buffers stay below `concurrency x 1 MiB` (16 MiB by default) whatever the file sizes.
 
 Every file is created beneath the staging directory through directory file descriptors with
-O_NOFOLLOW, size-checked, checked against its MD5 ETag when the source offers one, and fsynced;
-then every directory is fsynced. A failed unit is retried a bounded number of times; the first
-error that exhausts its retries cancels the rest and is raised with the last transport error as
-its cause.
+O_NOFOLLOW, size-checked, verified (see `verify`), and fsynced; then every directory is
+fsynced. Verification, strongest available first:
+
+1. the source's full-object checksum (S3 CRC64NVME, CRC32C or CRC32);
+2. the MD5 of a single-part S3 ETag;
+3. the dataset version's manifest (the first complete copy's CRC64 per file);
+4. otherwise the file is recorded as "unverified" (size only), never silently trusted.
+
+A failed unit is retried a bounded number of times (a small file whose bytes fail
+verification is fetched again); an object that changed since it was listed (HTTP 412 on
+If-Match) is restarted from fresh metadata a bounded number of times. The first error that
+exhausts its retries cancels the rest and is raised with the last transport error as its cause.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import errno
 import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent import checksums
 from agent.errors import (
     AgentError,
+    DiskFull,
     FetchCancelled,
     SourceChanged,
     SourceError,
@@ -36,14 +47,20 @@ from agent.errors import (
     VerificationError,
 )
 from agent.keys import find_collisions, is_directory_marker, key_to_parts
-from agent.manifest import UNVERIFIED, VERIFIED_MD5_ETAG, FileEntry
+from agent.manifest import (
+    UNVERIFIED,
+    VERIFIED_MANIFEST,
+    VERIFIED_MD5_ETAG,
+    FileEntry,
+)
 from agent.sources import ObjectInfo, Source
+from agent.sources.base import ChecksummedSource
 
 log = logging.getLogger(__name__)
 
 _MD5_ETAG = re.compile(r'"?([0-9a-fA-F]{32})"?')
-_READBACK_BYTES = 8 * 1024 * 1024
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_MAX_RESTARTS = 3
 
 
 @dataclass(frozen=True)
@@ -69,12 +86,22 @@ class Progress:
     bytes_total: int = 0
     files_done: int = 0
     bytes_done: int = 0
+    retries: int = 0
+    """Units read again after a transport error."""
+    checksum_failures: int = 0
+    """Files whose bytes did not match the source's checksum (each fetched again or failed)."""
+    restarts: int = 0
+    """Objects restarted because they changed while being copied."""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, files: int = 0, nbytes: int = 0) -> None:
         with self._lock:
             self.files_done += files
             self.bytes_done += nbytes
+
+    def count(self, counter: str) -> None:
+        with self._lock:
+            setattr(self, counter, getattr(self, counter) + 1)
 
 
 @dataclass(frozen=True)
@@ -132,7 +159,10 @@ class _FileJob:
 
     def __init__(self, planned: PlannedFile, units: int, root_fd: int) -> None:
         self.planned = planned
+        self.obj = planned.obj
         self.remaining = units
+        self.ranges: dict[int, tuple[int, int]] = {}
+        """offset -> (crc64 of the range, length)."""
         self.lock = threading.Lock()
         self._root_fd = root_fd
         self._fd = -1
@@ -150,15 +180,18 @@ class _FileJob:
                     self._fd = os.open(parts[-1], flags, 0o644, dir_fd=parent)
                 finally:
                     os.close(parent)
-                if self.planned.obj.size:
-                    os.ftruncate(self._fd, self.planned.obj.size)
+                os.ftruncate(self._fd, self.obj.size)
             return self._fd
 
-    def unit_done(self) -> bool:
-        """Counts a finished unit; True for the last one."""
+    def range_done(self, offset: int, crc: int, length: int) -> bool:
+        """Records a finished range; True for the last one."""
         with self.lock:
+            self.ranges[offset] = (crc, length)
             self.remaining -= 1
             return self.remaining == 0
+
+    def crc64(self) -> int:
+        return checksums.combine("crc64nvme", [self.ranges[o] for o in sorted(self.ranges)])
 
     def close(self) -> None:
         with self.lock:
@@ -176,12 +209,14 @@ class _Engine:
         settings: FetchSettings,
         progress: Progress,
         cancel: threading.Event,
+        expected: Mapping[str, FileEntry],
     ) -> None:
         self.source = source
         self.root_fd = root_fd
         self.settings = settings
         self.progress = progress
         self.cancel = cancel
+        self.expected = expected
         self.entries: list[FileEntry] = []
         self.entries_lock = threading.Lock()
 
@@ -192,7 +227,7 @@ class _Engine:
             yield chunk
 
     def _with_retries(self, what: str, action: Callable[[], None]) -> None:
-        last: SourceError | None = None
+        last: SourceError | VerificationError | None = None
         for attempt in range(1, self.settings.attempts + 1):
             if self.cancel.is_set():
                 raise FetchCancelled("fetch cancelled")
@@ -201,84 +236,132 @@ class _Engine:
                 return
             except SourceChanged:
                 raise
-            except SourceError as exc:
+            except (SourceError, VerificationError) as exc:
                 last = exc
+                self.progress.count(
+                    "checksum_failures" if isinstance(exc, VerificationError) else "retries"
+                )
                 log.info("Retrying %s after attempt %d: %s", what, attempt, exc)
         assert last is not None
-        raise SourceError(
+        raise type(last)(
             f"{what}: giving up after {self.settings.attempts} attempts: {last}"
         ) from last
 
+    def _write(self, fd: int, obj: ObjectInfo, offset: int, length: int) -> int:
+        """Copies one range into the file; returns its CRC64."""
+        crc, pos = 0, offset
+        for chunk in self._read(obj, offset, length):
+            os.pwrite(fd, chunk, pos)
+            pos += len(chunk)
+            crc = checksums.crc64(chunk, crc)
+        return crc
+
     def whole_file(self, job: _FileJob) -> None:
-        obj = job.planned.obj
-        digests: list[str] = []
+        for restart in range(_MAX_RESTARTS + 1):
+            obj = job.obj
 
-        def attempt() -> None:
-            fd = job.fd()
-            sha, md5, offset = hashlib.sha256(), hashlib.md5(usedforsecurity=False), 0
-            for chunk in self._read(obj, 0, obj.size):
-                os.pwrite(fd, chunk, offset)
-                offset += len(chunk)
-                sha.update(chunk)
-                md5.update(chunk)
-            digests[:] = [sha.hexdigest(), md5.hexdigest()]
+            def attempt(obj: ObjectInfo = obj) -> None:
+                fd = job.fd()
+                os.ftruncate(fd, obj.size)
+                crc = self._write(fd, obj, 0, obj.size)
+                job.ranges = {0: (crc, obj.size)}
+                self._verify_and_close(job, keep_open_on_error=True)
 
-        self._with_retries(f"reading {obj.key!r}", attempt)
-        self.progress.add(nbytes=obj.size)
-        self.finish(job, digests[0], digests[1])
+            try:
+                self._with_retries(f"reading {obj.key!r}", attempt)
+            except SourceChanged:
+                if restart == _MAX_RESTARTS:
+                    raise
+                self._restart(job)
+                continue
+            self.progress.add(nbytes=obj.size)
+            return
+
+    def _restart(self, job: _FileJob) -> None:
+        assert isinstance(self.source, ChecksummedSource)
+        self.progress.count("restarts")
+        job.obj = self.source.stat(job.obj.key)
+        log.info("Object changed while being copied; restarting it", extra={"object": job.obj.key})
 
     def part(self, job: _FileJob, offset: int, length: int) -> None:
-        obj = job.planned.obj
+        obj = job.obj
+        crcs: list[int] = []
 
         def attempt() -> None:
-            fd, pos = job.fd(), offset
-            for chunk in self._read(obj, offset, length):
-                os.pwrite(fd, chunk, pos)
-                pos += len(chunk)
+            crcs[:] = [self._write(job.fd(), obj, offset, length)]
 
         self._with_retries(f"reading {obj.key!r} bytes {offset}+{length}", attempt)
         self.progress.add(nbytes=length)
-        if job.unit_done():
-            sha, md5 = _hash_file(job.fd(), obj.size)
-            self.finish(job, sha, md5)
+        if job.range_done(offset, crcs[0], length):
+            # Which range was wrong cannot be told from a whole-file checksum: a mismatch fails
+            # the copy, and the dataset is fetched again.
+            try:
+                self._verify_and_close(job, keep_open_on_error=False)
+            except VerificationError:
+                self.progress.count("checksum_failures")
+                raise
 
-    def finish(self, job: _FileJob, sha256: str, md5: str) -> None:
-        obj = job.planned.obj
+    def _verify_and_close(self, job: _FileJob, keep_open_on_error: bool) -> None:
+        obj = job.obj
+        fd = job.fd()
         try:
-            fd = job.fd()
             if os.fstat(fd).st_size != obj.size:
                 raise VerificationError(f"{obj.key!r}: size on disk differs from the source")
-            match = _MD5_ETAG.fullmatch(obj.etag)
-            if match and match.group(1).lower() != md5:
-                raise VerificationError(
-                    f"{obj.key!r}: content MD5 {md5} does not match ETag {obj.etag}"
-                )
+            crc = job.crc64()
+            method = self.verify(job.planned, obj, fd, crc)
             if self.settings.fsync:
                 os.fsync(fd)
-        finally:
+        except VerificationError:
+            if not keep_open_on_error:
+                job.close()
+            raise
+        except BaseException:
             job.close()
+            raise
+        job.close()
         entry = FileEntry(
             path="/".join(job.planned.parts),
             size=obj.size,
             etag=obj.etag,
-            sha256=sha256,
-            verified=VERIFIED_MD5_ETAG if match else UNVERIFIED,
+            crc64nvme=f"{crc:016x}",
+            verified=method,
         )
         with self.entries_lock:
             self.entries.append(entry)
         self.progress.add(files=1)
 
-
-def _hash_file(fd: int, size: int) -> tuple[str, str]:
-    sha, md5, offset = hashlib.sha256(), hashlib.md5(usedforsecurity=False), 0
-    while offset < size:
-        block = os.pread(fd, _READBACK_BYTES, offset)
-        if not block:
-            break
-        sha.update(block)
-        md5.update(block)
-        offset += len(block)
-    return sha.hexdigest(), md5.hexdigest()
+    def verify(self, planned: PlannedFile, obj: ObjectInfo, fd: int, crc: int) -> str:
+        """Checks the written bytes with the strongest evidence available; returns the method
+        used or raises VerificationError."""
+        stated = self.source.checksum(obj) if isinstance(self.source, ChecksummedSource) else None
+        if stated is not None:
+            actual = (
+                crc
+                if stated.algorithm == "crc64nvme"
+                else checksums.file_crc(fd, obj.size, stated.algorithm)
+            )
+            if actual != stated.value:
+                raise VerificationError(
+                    f"{obj.key!r}: {stated.algorithm} of the copy ({actual:x}) differs from "
+                    f"the source's ({stated.value:x})"
+                )
+            return stated.algorithm
+        match = _MD5_ETAG.fullmatch(obj.etag)
+        if match and isinstance(self.source, ChecksummedSource):
+            md5 = checksums.file_md5(fd, obj.size)
+            if md5 != match.group(1).lower():
+                raise VerificationError(
+                    f"{obj.key!r}: MD5 of the copy {md5} differs from the ETag {obj.etag}"
+                )
+            return VERIFIED_MD5_ETAG
+        expected = self.expected.get("/".join(planned.parts))
+        if expected is not None:
+            if (expected.size, expected.crc64nvme) != (obj.size, f"{crc:016x}"):
+                raise VerificationError(
+                    f"{obj.key!r}: content differs from the dataset version's manifest"
+                )
+            return VERIFIED_MANIFEST
+        return UNVERIFIED
 
 
 def _fsync_tree(root_fd: int, dirs: list[tuple[str, ...]]) -> None:
@@ -298,8 +381,11 @@ def fetch_into(
     settings: FetchSettings,
     progress: Progress,
     cancel: threading.Event,
+    expected: Mapping[str, FileEntry] | None = None,
 ) -> list[FileEntry]:
-    """Copies `files` into the empty directory `dest`; returns their manifest entries."""
+    """Copies `files` into the empty directory `dest`; returns their manifest entries.
+
+    `expected` is the dataset version's manifest by path, when one is fixed already."""
     progress.files_total = len(files)
     progress.bytes_total = sum(f.obj.size for f in files)
     dirs = sorted({p.parts[:i] for p in files for i in range(1, len(p.parts))}, key=len)
@@ -308,7 +394,7 @@ def fetch_into(
     try:
         for parts in dirs:
             os.close(_open_dir(root_fd, parts, create=True))
-        engine = _Engine(source, root_fd, settings, progress, cancel)
+        engine = _Engine(source, root_fd, settings, progress, cancel, expected or {})
         with ThreadPoolExecutor(settings.concurrency, thread_name_prefix="fetch") as pool:
             futures: list[Future[None]] = []
             # Large files first: their ranges spread over every thread while small files fill in.
@@ -342,6 +428,8 @@ def fetch_into(
     except AgentError:
         raise
     except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(f"disk full while writing into {dest}") from exc
         raise AgentError(f"writing into {dest}: {exc}") from exc
     finally:
         for job in jobs:

@@ -9,11 +9,14 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-FORMAT = 1
+FORMAT = 2
 
-# How a file's bytes were checked against the source.
+# How a file's bytes were checked. Besides these, the name of a source checksum algorithm
+# ("crc64nvme", "crc32c", "crc32") means the source's full-object checksum matched.
 VERIFIED_MD5_ETAG = "md5-etag"
 """The object's ETag is the MD5 of its content (single-part upload) and matched."""
+VERIFIED_MANIFEST = "manifest"
+"""The file matched the dataset version's manifest (the first complete copy)."""
 UNVERIFIED = "unverified"
 """Only the size matched: the source offered no checksum for this object."""
 
@@ -25,17 +28,18 @@ class FileEntry:
     size: int
     """Bytes."""
     etag: str
-    sha256: str
-    """Hex SHA-256 of the content, computed while copying."""
+    crc64nvme: str
+    """CRC64/NVME of the content, 16 hex digits, computed while copying."""
     verified: str
-    """VERIFIED_MD5_ETAG or UNVERIFIED."""
+    """How the bytes were checked: a source checksum algorithm, VERIFIED_MD5_ETAG,
+    VERIFIED_MANIFEST or UNVERIFIED."""
 
 
 def content_digest(files: Sequence[FileEntry]) -> str:
-    """'sha256:<hex>' over (path, size, sha256) of every file, in path order."""
+    """'sha256:<hex>' over (path, size, CRC64) of every file, in path order."""
     h = hashlib.sha256()
     for entry in sorted(files, key=lambda f: f.path):
-        h.update(f"{entry.path}\x00{entry.size}\x00{entry.sha256}\n".encode())
+        h.update(f"{entry.path}\x00{entry.size}\x00{entry.crc64nvme}\n".encode())
     return "sha256:" + h.hexdigest()
 
 

@@ -9,10 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from awscrt.checksums import crc64nvme
 
 from agent.errors import FetchCancelled, SourceChanged
 from agent.fetch import FetchSettings, Progress, fetch_into, plan
-from agent.manifest import UNVERIFIED, VERIFIED_MD5_ETAG, Manifest
+from agent.manifest import UNVERIFIED, Manifest
 from agent.sources import ObjectInfo, Source, SourceOpener
 from agent.sources.s3 import S3Settings
 from agent.store import CacheStore
@@ -82,25 +83,40 @@ def test_copies_small_and_ranged_files_and_verifies(
 
     assert {e.path: (dest / e.path).read_bytes() for e in entries} == data
     by_path = {e.path: e for e in entries}
-    assert by_path["multi.bin"].verified == UNVERIFIED
-    assert by_path["big.bin"].verified == VERIFIED_MD5_ETAG
-    assert by_path["a.txt"].sha256 == hashlib.sha256(b"hello").hexdigest()
+    # SeaweedFS stores the CRC32 boto3 sends with every single-part upload.
+    assert by_path["big.bin"].verified == "crc32"
+    assert by_path["a.txt"].verified == "crc32"
+    assert by_path["a.txt"].crc64nvme == f"{crc64nvme(b'hello'):016x}"
+    assert by_path["big.bin"].crc64nvme == f"{crc64nvme(data['big.bin']):016x}"
+    assert by_path["multi.bin"].verified in (UNVERIFIED, "crc32")
     assert progress.files_done == progress.files_total == len(data)
     assert progress.bytes_done == progress.bytes_total == sum(map(len, data.values()))
 
 
-def test_object_changed_mid_copy_fails_instead_of_mixing(
+def test_object_changed_mid_copy_is_restarted_never_mixed(
     s3_server: LocalCluster, bucket: str, tmp_path: Path
 ) -> None:
     client = admin_client(s3_server.s3_endpoint)
-    client.put_object(Bucket=bucket, Key="ds/f", Body=b"version one")
+    client.put_object(Bucket=bucket, Key="ds/small", Body=b"version one")
+    client.put_object(Bucket=bucket, Key="ds/big", Body=b"1" * (3 << 20))
     src = source(s3_server.s3_endpoint, f"s3://{bucket}/ds/")
-    listed = list(src.list())
-    client.put_object(Bucket=bucket, Key="ds/f", Body=b"version two!")
-    dest = tmp_path / "dest"
+    listed = {o.key: o for o in src.list()}
+    client.put_object(Bucket=bucket, Key="ds/small", Body=b"version two!")
+    client.put_object(Bucket=bucket, Key="ds/big", Body=b"2" * (3 << 20))
+
+    # A small file is restarted from fresh metadata and copied whole from the new version.
+    dest, progress = tmp_path / "small", Progress()
+    dest.mkdir()
+    files, _ = plan([listed["small"]])
+    (entry,) = fetch_into(src, files, dest, SMALL_PARTS, progress, threading.Event())
+    assert (dest / "small").read_bytes() == b"version two!"
+    assert (entry.size, entry.verified, progress.restarts) == (12, "crc32", 1)
+
+    # A file read as ranges fails whole rather than mixing ranges of two versions.
+    dest = tmp_path / "big"
     dest.mkdir()
     with pytest.raises(SourceChanged, match="changed while being copied"):
-        fetch_into(src, plan(listed)[0], dest, SMALL_PARTS, Progress(), threading.Event())
+        fetch_into(src, plan([listed["big"]])[0], dest, SMALL_PARTS, Progress(), threading.Event())
 
 
 def test_cancel_stops_the_copy(s3_server: LocalCluster, bucket: str, tmp_path: Path) -> None:
@@ -155,7 +171,7 @@ def _published(store: CacheStore, name: str, content: bytes) -> Manifest:
     (staged / "f").write_bytes(content)
     from agent.manifest import FileEntry
 
-    entry = FileEntry("f", len(content), '"x"', hashlib.sha256(content).hexdigest(), UNVERIFIED)
+    entry = FileEntry("f", len(content), '"x"', f"{crc64nvme(content):016x}", UNVERIFIED)
     manifest = Manifest.build(name, "s3://bucket/p/", [entry])
     store.publish(staged, manifest)
     return manifest
@@ -191,6 +207,7 @@ def test_tampered_manifest_is_not_trusted(tmp_path: Path) -> None:
     manifest = _published(store, "ds", b"content")
     path = store.dataset_dir("ds") / f"{manifest.version}.json"
     path.write_text(path.read_text().replace('"size":7', '"size":8'))
+    assert '"size":8' in path.read_text()
     assert CacheStore(tmp_path / "cache").recover() == {}
 
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from agent.checksums import ObjectChecksum
 
 # Each ranged read is consumed in chunks this large, so memory per in-flight read is bounded
 # by it whatever the range size.
@@ -35,4 +38,18 @@ class Source(Protocol):
     def read_range(self, obj: ObjectInfo, offset: int, length: int) -> Iterator[bytes]:
         """Bytes [offset, offset+length) of `obj` as it was listed, in chunks of at most
         `READ_CHUNK_BYTES`. Raises `SourceChanged` if the object changed."""
+        ...
+
+
+@runtime_checkable
+class ChecksummedSource(Source, Protocol):
+    """A source that can state full-object checksums and re-read an object's metadata."""
+
+    def checksum(self, obj: ObjectInfo) -> ObjectChecksum | None:
+        """The checksum the source stores for `obj` as listed, or None. Raises
+        `SourceChanged` if the object changed."""
+        ...
+
+    def stat(self, key: str) -> ObjectInfo:
+        """The object's current metadata (after a `SourceChanged`)."""
         ...

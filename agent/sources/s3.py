@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -10,6 +11,7 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
+from agent.checksums import ObjectChecksum, from_s3_response
 from agent.errors import SourceChanged, SourceError
 from agent.sources.base import READ_CHUNK_BYTES, ObjectInfo
 from datacache.validation import S3Source as S3Location
@@ -45,9 +47,46 @@ def s3_client(settings: S3Settings) -> S3Client:
 
 
 class S3ObjectSource:
+    """Reads one S3 prefix. Whole-object reads ask for the stored checksum with the GET, and
+    remember it for `checksum()`; objects read as ranges cost one HEAD there instead."""
+
     def __init__(self, client: S3Client, location: S3Location) -> None:
         self._client = client
         self._location = location
+        self._checksums: dict[tuple[str, str], ObjectChecksum | None] = {}
+        self._lock = threading.Lock()
+
+    def _url(self, key: str) -> str:
+        return f"s3://{self._location.bucket}/{self._location.prefix}{key}"
+
+    def checksum(self, obj: ObjectInfo) -> ObjectChecksum | None:
+        with self._lock:
+            if (obj.key, obj.etag) in self._checksums:
+                return self._checksums.pop((obj.key, obj.etag))
+        return from_s3_response(self._head(obj.key, obj.etag))
+
+    def stat(self, key: str) -> ObjectInfo:
+        response = self._head(key, None)
+        return ObjectInfo(key=key, size=int(response["ContentLength"]), etag=response["ETag"])
+
+    def _head(self, key: str, etag: str | None) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"ChecksumMode": "ENABLED"}
+        if etag is not None:
+            kwargs["IfMatch"] = etag
+        try:
+            response: dict[str, Any] = dict(
+                self._client.head_object(
+                    Bucket=self._location.bucket, Key=self._location.prefix + key, **kwargs
+                )
+            )
+        except botocore.exceptions.ClientError as exc:
+            code = _error_code(exc)
+            if code in ("PreconditionFailed", "412"):
+                raise SourceChanged(f"{self._url(key)} changed while being copied") from exc
+            raise SourceError(f"reading metadata of {self._url(key)}: {code}") from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise SourceError(f"reading metadata of {self._url(key)}: {exc}") from exc
+        return response
 
     def list(self) -> Iterator[ObjectInfo]:
         prefix = self._location.prefix
@@ -69,13 +108,19 @@ class S3ObjectSource:
         if length <= 0:
             return
         key = self._location.prefix + obj.key
+        whole = offset == 0 and length == obj.size
+        kwargs: dict[str, Any] = (
+            {"ChecksumMode": "ENABLED"}
+            if whole
+            else {"Range": f"bytes={offset}-{offset + length - 1}"}
+        )
         try:
             response = self._client.get_object(
-                Bucket=self._location.bucket,
-                Key=key,
-                Range=f"bytes={offset}-{offset + length - 1}",
-                IfMatch=obj.etag,
+                Bucket=self._location.bucket, Key=key, IfMatch=obj.etag, **kwargs
             )
+            if whole:
+                with self._lock:
+                    self._checksums[(obj.key, obj.etag)] = from_s3_response(response)
             received = 0
             for chunk in response["Body"].iter_chunks(READ_CHUNK_BYTES):
                 received += len(chunk)
