@@ -46,6 +46,7 @@ from agent.errors import (
     UnsafeKey,
     VerificationError,
 )
+from agent.journal import Journal
 from agent.keys import find_collisions, is_directory_marker, key_to_parts
 from agent.manifest import (
     UNVERIFIED,
@@ -176,7 +177,8 @@ class _FileJob:
                 parts = self.planned.parts
                 parent = _open_dir(self._root_fd, parts[:-1], create=False)
                 try:
-                    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                    # O_TRUNC, not O_EXCL: a resumed copy rewrites files it had not finished.
+                    flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
                     self._fd = os.open(parts[-1], flags, 0o644, dir_fd=parent)
                 finally:
                     os.close(parent)
@@ -210,8 +212,10 @@ class _Engine:
         progress: Progress,
         cancel: threading.Event,
         expected: Mapping[str, FileEntry],
+        journal: Journal | None,
     ) -> None:
         self.source = source
+        self.journal = journal
         self.root_fd = root_fd
         self.settings = settings
         self.progress = progress
@@ -328,6 +332,8 @@ class _Engine:
         )
         with self.entries_lock:
             self.entries.append(entry)
+        if self.journal is not None:
+            self.journal.record(entry)
         self.progress.add(files=1)
 
     def verify(self, planned: PlannedFile, obj: ObjectInfo, fd: int, crc: int) -> str:
@@ -364,6 +370,51 @@ class _Engine:
         return UNVERIFIED
 
 
+def _keep_intact(
+    root_fd: int, files: list[PlannedFile], resume: Mapping[str, FileEntry]
+) -> dict[str, FileEntry]:
+    """The journalled files that still match the listing and read back intact."""
+    kept: dict[str, FileEntry] = {}
+    for planned in files:
+        path = "/".join(planned.parts)
+        entry = resume.get(path)
+        if entry is None or (entry.size, entry.etag) != (planned.obj.size, planned.obj.etag):
+            continue
+        try:
+            parent = _open_dir(root_fd, planned.parts[:-1], create=False)
+            try:
+                fd = os.open(planned.parts[-1], os.O_RDONLY | os.O_NOFOLLOW, dir_fd=parent)
+            finally:
+                os.close(parent)
+        except OSError:
+            continue
+        try:
+            intact = os.fstat(fd).st_size == entry.size and (
+                f"{checksums.file_crc(fd, entry.size, 'crc64nvme'):016x}" == entry.crc64nvme
+            )
+        finally:
+            os.close(fd)
+        if intact:
+            kept[path] = entry
+    return kept
+
+
+def _prune(dest: Path, keep: set[str], dirs: list[tuple[str, ...]]) -> None:
+    """Removes from `dest` everything but the kept files and the directories they need, without
+    following symlinks."""
+    needed = {"/".join(d) for d in dirs}
+    for top, dirnames, filenames in os.walk(dest, topdown=False):
+        rel_top = os.path.relpath(top, dest)
+        for name in filenames + dirnames:
+            rel = name if rel_top == "." else f"{rel_top}/{name}"
+            full = os.path.join(top, name)
+            if os.path.islink(full) or not os.path.isdir(full):
+                if rel not in keep:
+                    os.unlink(full)
+            elif rel not in needed:
+                os.rmdir(full)
+
+
 def _fsync_tree(root_fd: int, dirs: list[tuple[str, ...]]) -> None:
     for parts in sorted(dirs, key=len, reverse=True):
         fd = _open_dir(root_fd, parts, create=False)
@@ -382,19 +433,31 @@ def fetch_into(
     progress: Progress,
     cancel: threading.Event,
     expected: Mapping[str, FileEntry] | None = None,
+    resume: Mapping[str, FileEntry] | None = None,
+    journal: Journal | None = None,
 ) -> list[FileEntry]:
-    """Copies `files` into the empty directory `dest`; returns their manifest entries.
+    """Copies `files` into the directory `dest`; returns their manifest entries.
 
-    `expected` is the dataset version's manifest by path, when one is fixed already."""
+    `expected` is the dataset version's manifest by path, when one is fixed already. `resume`
+    lists files an interrupted copy into `dest` completed: those still matching the listing and
+    intact on disk are kept; everything else in `dest` is removed first. Completed files are
+    recorded in `journal`."""
     progress.files_total = len(files)
     progress.bytes_total = sum(f.obj.size for f in files)
     dirs = sorted({p.parts[:i] for p in files for i in range(1, len(p.parts))}, key=len)
     root_fd = os.open(dest, _DIR_FLAGS)
     jobs: list[_FileJob] = []
     try:
+        kept = _keep_intact(root_fd, files, resume or {})
+        _prune(dest, {"/".join(p.parts) for p in files if "/".join(p.parts) in kept}, dirs)
         for parts in dirs:
             os.close(_open_dir(root_fd, parts, create=True))
-        engine = _Engine(source, root_fd, settings, progress, cancel, expected or {})
+        engine = _Engine(source, root_fd, settings, progress, cancel, expected or {}, journal)
+        if kept:
+            log.info("Resuming: %d verified files kept from an interrupted copy", len(kept))
+            engine.entries.extend(kept.values())
+            progress.add(files=len(kept), nbytes=sum(e.size for e in kept.values()))
+            files = [p for p in files if "/".join(p.parts) not in kept]
         with ThreadPoolExecutor(settings.concurrency, thread_name_prefix="fetch") as pool:
             futures: list[Future[None]] = []
             # Large files first: their ranges spread over every thread while small files fill in.

@@ -17,7 +17,6 @@ import contextlib
 import enum
 import json
 import logging
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -26,8 +25,10 @@ from typing import Any
 
 import grpc
 
-from agent.errors import AgentError, FetchCancelled
+from agent.errors import AgentError, DiskFull, FetchCancelled
 from agent.fetch import Progress, fetch_into, plan
+from agent.journal import Journal
+from agent.journal import load as load_journal
 from agent.manifest import Manifest
 from agent.settings import AgentSettings
 from agent.sources import Source
@@ -145,6 +146,9 @@ class Agent:
             log.info("Found published copy", extra={"dataset": name, "version": manifest.version})
 
     def set_desired(self, desired: dict[str, str]) -> None:
+        if self._desired is None:
+            # Interrupted copies of datasets that are still wanted resume; the rest go.
+            self._store.prune_staging(set(desired))
         self._desired = desired
         self.converge()
 
@@ -232,19 +236,30 @@ class Agent:
         files, refused = plan(list(source.list()))
         for key, reason in refused:
             log.warning("Refused object: %s", reason, extra={"dataset": name, "object": key})
-        staged = self._store.new_staging(name)
+        staged, journal_path = self._store.staging_for(name, replica.source)
         try:
-            entries = fetch_into(
-                source, files, staged, self._settings.fetch, replica.progress, replica.cancel
-            )
+            with Journal(journal_path) as journal:
+                entries = fetch_into(
+                    source,
+                    files,
+                    staged,
+                    self._settings.fetch,
+                    replica.progress,
+                    replica.cancel,
+                    resume=load_journal(journal_path),
+                    journal=journal,
+                )
             manifest = Manifest.build(name, replica.source, entries)
             replica.refused = len(refused)
             if replica.cancel.is_set():
                 raise FetchCancelled("fetch cancelled")
             self._store.publish(staged, manifest)
-            return manifest
-        finally:
-            shutil.rmtree(staged, ignore_errors=True)
+        except (FetchCancelled, DiskFull):
+            # Nothing to resume: the dataset is no longer wanted, or its space is needed.
+            self._store.discard_staging(name)
+            raise
+        self._store.discard_staging(name)
+        return manifest
 
     async def _delete(self, name: str, running: asyncio.Task[None] | None) -> None:
         if running is not None:

@@ -3,7 +3,8 @@
 Layout under the cache root:
 
     cache-id                          random id written once: identifies this disk's cache
-    staging/<dataset>.<random>/       copies in progress (wiped at start-up)
+    staging/<dataset>.<tag>/          a copy in progress (tag: hash of the source URI)
+    staging/<dataset>.<tag>.journal   files of that copy already verified (for resuming)
     datasets/<dataset>/<version>/     published, verified files of one version
     datasets/<dataset>/<version>.json its manifest (written after the files, before `current`)
     datasets/<dataset>/current        symlink to <version>: what pods read
@@ -17,6 +18,7 @@ first, so nothing half-deleted is ever published.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import secrets
@@ -52,6 +54,13 @@ def _write_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 @dataclass(frozen=True)
 class Usage:
     capacity_bytes: int
@@ -84,9 +93,8 @@ class CacheStore:
         return self.dataset_dir(name) / CURRENT
 
     def recover(self) -> dict[str, Manifest]:
-        """Wipes unfinished copies and returns every published dataset with its manifest."""
-        for leftover in self.staging.iterdir():
-            shutil.rmtree(leftover, ignore_errors=True)
+        """Returns every published dataset with its manifest, removing unpublished leftovers.
+        Staging copies are kept for resuming (see `prune_staging`)."""
         found: dict[str, Manifest] = {}
         for entry in sorted(self.datasets.iterdir()):
             try:
@@ -122,10 +130,25 @@ class CacheStore:
             return None
         return manifest
 
-    def new_staging(self, name: str) -> Path:
-        path = self.staging / f"{validate_dataset_name(name)}.{secrets.token_hex(6)}"
-        path.mkdir()
-        return path
+    def staging_for(self, name: str, source: str) -> tuple[Path, Path]:
+        """The staging directory and resume journal of copying `source` into dataset `name`:
+        the same on every attempt, so an interrupted copy resumes where it stopped."""
+        tag = hashlib.sha256(source.encode()).hexdigest()[:12]
+        path = self.staging / f"{validate_dataset_name(name)}.{tag}"
+        path.mkdir(exist_ok=True)
+        return path, self.staging / f"{path.name}.journal"
+
+    def discard_staging(self, name: str) -> None:
+        for leftover in self.staging.iterdir():
+            # Staging names are "<dataset>.<tag>[.journal]" and dataset names may contain dots.
+            if leftover.name.removesuffix(".journal").rsplit(".", 1)[0] == name:
+                _remove(leftover)
+
+    def prune_staging(self, keep: set[str]) -> None:
+        """Removes staging copies of datasets not in `keep` (no longer desired)."""
+        for leftover in self.staging.iterdir():
+            if leftover.name.removesuffix(".journal").rsplit(".", 1)[0] not in keep:
+                _remove(leftover)
 
     def publish(self, staged: Path, manifest: Manifest) -> Path:
         """Moves a fully written and fsynced staging directory into place as the current
@@ -166,10 +189,7 @@ class CacheStore:
             (directory / CURRENT).unlink()
             _fsync_dir(directory)
         shutil.rmtree(directory, ignore_errors=True)
-        for leftover in self.staging.iterdir():
-            # Staging names are "<dataset>.<hex>" and dataset names may contain dots.
-            if leftover.name.rsplit(".", 1)[0] == name:
-                shutil.rmtree(leftover, ignore_errors=True)
+        self.discard_staging(name)
         if directory.exists():
             raise StoreError(f"could not remove {directory}")
 

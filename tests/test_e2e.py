@@ -220,3 +220,42 @@ def test_grpc_status_codes_health_and_reflection(cluster: LocalCluster) -> None:
         )
         names = {s.name for reply in replies for s in reply.list_services_response.service}
         assert {"datacache.v1.DatasetService", "datacache.v1.AgentService"} <= names
+
+
+def test_agent_killed_mid_copy_resumes_and_never_exposes_partial_data(
+    cluster: LocalCluster,
+) -> None:
+    cluster.create_bucket("e2e-kill")
+    client = s3_client(cluster.s3_endpoint)
+    rng = random.Random(7)
+    contents = {f"part-{i:04d}.bin": rng.randbytes(rng.randint(1, 4000)) for i in range(400)}
+    for key, data in contents.items():
+        client.put_object(Bucket="e2e-kill", Key=f"data/{key}", Body=data)
+    # One reader at a time makes the copy slow enough to be caught in the middle.
+    start(cluster, 1, "--concurrency=1")
+    create(cluster, "killed", "s3://e2e-kill/data/", replicas=1)
+
+    staging = cluster.cache_dir("node-1") / "staging"
+
+    def journalled() -> int:
+        return sum(len(p.read_text().splitlines()) for p in staging.glob("*.journal"))
+
+    wait_until(lambda: journalled() >= 50, 60, "the copy to be under way")
+    cluster.agents["node-1"].kill()
+    done_before_kill = journalled()
+    assert done_before_kill < len(contents), "the copy finished before it could be interrupted"
+    dataset_dir = cluster.cache_dir("node-1") / "datasets" / "killed"
+    assert not (dataset_dir / "current").exists()
+    assert ready_nodes(cluster, "killed") == set()
+
+    restarted = cluster.start_agent("node-1")
+    wait_until(lambda: ready_nodes(cluster, "killed") == {"node-1"}, 60, "Ready after restart")
+    assert tree_digests(dataset_dir / "current") == {
+        key: hashlib.sha256(data).hexdigest() for key, data in contents.items()
+    }
+    assert list(staging.iterdir()) == []
+    resumed = [line for line in restarted.log_path.read_text().splitlines() if "Resuming" in line]
+    assert resumed, "the restarted agent did not resume"
+    kept = int(resumed[0].split("Resuming: ")[1].split()[0])
+    # Every file journalled before the kill was kept (a torn last line may lose one).
+    assert done_before_kill - 1 <= kept < len(contents)

@@ -11,10 +11,14 @@ from pathlib import Path
 import pytest
 from awscrt.checksums import crc64nvme
 
+from agent.checksums import ObjectChecksum
 from agent.errors import FetchCancelled, SourceChanged
 from agent.fetch import FetchSettings, Progress, fetch_into, plan
+from agent.journal import Journal
+from agent.journal import load as load_journal
 from agent.manifest import UNVERIFIED, Manifest
 from agent.sources import ObjectInfo, Source, SourceOpener
+from agent.sources.base import ChecksummedSource
 from agent.sources.s3 import S3Settings
 from agent.store import CacheStore
 from datacache.localcluster import DEMO_CREDENTIALS, LocalCluster
@@ -167,7 +171,7 @@ def test_file_directory_collision_is_refused(moto_endpoint: str) -> None:
 
 
 def _published(store: CacheStore, name: str, content: bytes) -> Manifest:
-    staged = store.new_staging(name)
+    staged, _ = store.staging_for(name, "s3://bucket/p/")
     (staged / "f").write_bytes(content)
     from agent.manifest import FileEntry
 
@@ -181,16 +185,21 @@ def test_store_publish_recover_and_delete(tmp_path: Path) -> None:
     store = CacheStore(tmp_path / "cache")
     manifest = _published(store, "ds.one", b"one")
     assert (store.current_path("ds.one") / "f").read_bytes() == b"one"
-    leftover = store.new_staging("ds.one")
+    leftover, journal = store.staging_for("ds.one", "s3://bucket/other/")
     (leftover / "partial").write_bytes(b"half")
+    journal.write_text("")
+    other, _ = store.staging_for("ds", "s3://bucket/p/")
     # A dataset directory with files but no `current`: a crash before publishing.
     (store.datasets / "unpublished" / "abc").mkdir(parents=True)
 
     reopened = CacheStore(tmp_path / "cache")
     assert reopened.cache_id == store.cache_id
     assert reopened.recover() == {"ds.one": manifest}
-    assert not leftover.exists()
     assert not (store.datasets / "unpublished").exists()
+    # Copies in progress survive a restart; those of datasets no longer wanted are pruned.
+    assert leftover.exists() and other.exists()
+    reopened.prune_staging({"ds.one"})
+    assert leftover.exists() and journal.exists() and not other.exists()
 
     newer = _published(reopened, "ds.one", b"two")
     assert newer.version != manifest.version
@@ -230,3 +239,77 @@ def test_source_conformance(s3_server: LocalCluster, moto_endpoint: str, bucket:
         stale = ObjectInfo(obj.key, obj.size, '"00000000000000000000000000000000"')
         with pytest.raises(SourceChanged):
             b"".join(src.read_range(stale, 0, 10))
+
+
+class CountingSource:
+    """Passes reads through to a real source, counting them."""
+
+    def __init__(self, inner: Source) -> None:
+        self.inner = inner
+        self.reads: list[str] = []
+
+    def list(self) -> Iterator[ObjectInfo]:
+        return self.inner.list()
+
+    def read_range(self, obj: ObjectInfo, offset: int, length: int) -> Iterator[bytes]:
+        self.reads.append(obj.key)
+        return self.inner.read_range(obj, offset, length)
+
+    def checksum(self, obj: ObjectInfo) -> ObjectChecksum | None:
+        assert isinstance(self.inner, ChecksummedSource)
+        return self.inner.checksum(obj)
+
+    def stat(self, key: str) -> ObjectInfo:
+        assert isinstance(self.inner, ChecksummedSource)
+        return self.inner.stat(key)
+
+
+def test_resume_keeps_intact_files_and_removes_the_rest(
+    s3_server: LocalCluster, bucket: str, tmp_path: Path
+) -> None:
+    client = admin_client(s3_server.s3_endpoint)
+    data = {f"d{i % 3}/f{i}": os.urandom(1000 + i) for i in range(12)}
+    for key, body in data.items():
+        client.put_object(Bucket=bucket, Key=f"ds/{key}", Body=body)
+    src = source(s3_server.s3_endpoint, f"s3://{bucket}/ds/")
+    files, _ = plan(list(src.list()))
+    dest, journal_path = tmp_path / "staging", tmp_path / "staging.journal"
+    dest.mkdir()
+    with Journal(journal_path) as journal:
+        first = fetch_into(
+            src, files, dest, SMALL_PARTS, Progress(), threading.Event(), journal=journal
+        )
+    # What a crash and a meddler leave behind: a torn file, a lost file, strays and a symlink.
+    (dest / "d0" / "f0").write_bytes(b"torn")
+    (dest / "d1" / "f1").unlink()
+    (dest / "stray.tmp").write_bytes(b"x")
+    (dest / "d2" / "link").symlink_to("/etc/passwd")
+    (dest / "empty-dir").mkdir()
+
+    counting = CountingSource(src)
+    progress = Progress()
+    second = fetch_into(
+        counting,
+        files,
+        dest,
+        SMALL_PARTS,
+        progress,
+        threading.Event(),
+        resume=load_journal(journal_path),
+    )
+    assert sorted(counting.reads) == ["d0/f0", "d1/f1"]
+    assert sorted(first, key=lambda e: e.path) == sorted(second, key=lambda e: e.path)
+    assert tree(dest) == data
+    assert progress.files_done == progress.files_total == len(data)
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() or p.is_symlink()
+    } | {
+        p.relative_to(root).as_posix(): b"<dir>"
+        for p in root.rglob("*")
+        if p.is_dir() and not any(p.iterdir())
+    }
