@@ -147,6 +147,18 @@ def main() -> None:
     default=5.0,
     help="First retry delay for a failed dataset (s), doubling.",
 )
+@option(
+    "scrub-interval-seconds",
+    type=click.FloatRange(0),
+    default=86400.0,
+    help="Time between scrubs re-reading every Ready dataset (s); 0 disables them.",
+)
+@option(
+    "scrub-bytes-per-second",
+    type=click.FloatRange(1024),
+    default=50 * 1024 * 1024,
+    help="Scrub read rate (bytes/s).",
+)
 @transfer_options
 def run(**kwargs: Any) -> None:
     """Run the agent for one node: register with the coordinator and keep its datasets."""
@@ -159,6 +171,8 @@ def run(**kwargs: Any) -> None:
         s3=_s3_settings(kwargs),
         report_interval_seconds=kwargs["report_interval_seconds"],
         retry_base_seconds=kwargs["retry_base_seconds"],
+        scrub_interval_seconds=kwargs["scrub_interval_seconds"],
+        scrub_bytes_per_second=kwargs["scrub_bytes_per_second"],
     )
     opener = SourceOpener(settings.s3)
 

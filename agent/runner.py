@@ -30,6 +30,7 @@ from agent.fetch import Progress, fetch_into, plan
 from agent.journal import Journal
 from agent.journal import load as load_journal
 from agent.manifest import Manifest
+from agent.scrub import RateLimiter, find_corrupt, quarantine, repair
 from agent.settings import AgentSettings
 from agent.sources import Source
 from agent.store import CacheStore
@@ -291,8 +292,61 @@ class Agent:
             cache_free_bytes=usage.free_bytes,
         )
 
+    async def _scrub_loop(self, stop: asyncio.Event) -> None:
+        interval = self._settings.scrub_interval_seconds
+        limiter = RateLimiter(self._settings.scrub_bytes_per_second)
+        while interval > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+            if stop.is_set():
+                return
+            for name, replica in list(self._replicas.items()):
+                if replica.phase is Phase.READY and replica.task is None and not stop.is_set():
+                    try:
+                        await self._scrub(name, replica, limiter)
+                    except FetchCancelled:
+                        pass  # deleted or shutting down while being scrubbed
+                    except Exception:
+                        log.exception("Scrub failed", extra={"dataset": name})
+
+    async def _scrub(self, name: str, replica: Replica, limiter: RateLimiter) -> None:
+        manifest = replica.manifest
+        assert manifest is not None
+        version_dir = self._store.dataset_dir(name) / manifest.version
+        corrupt = await asyncio.to_thread(
+            find_corrupt, version_dir, manifest, limiter, replica.cancel
+        )
+        if not corrupt:
+            log.info("Scrub clean", extra={"dataset": name, "version": manifest.version})
+            return
+        # Not Ready while files are missing: the coordinator takes the label off first.
+        replica.phase = Phase.FETCHING
+        replica.message = f"repairing {len(corrupt)} corrupt files found by the scrub"
+        self._changed.set()
+        for entry in corrupt:
+            moved = await asyncio.to_thread(quarantine, self._store.root, name, version_dir, entry)
+            log.warning(
+                "Scrub found a corrupt file; quarantined at %s",
+                moved,
+                extra={"dataset": name, "version": manifest.version, "object": entry.path},
+            )
+        try:
+            source = self._source_for(replica.source)
+            await asyncio.to_thread(
+                repair, source, version_dir, manifest, corrupt, self._settings.fetch, replica.cancel
+            )
+        except Exception as exc:
+            log.warning("Repair failed, fetching again: %s", exc, extra={"dataset": name})
+            replica.phase, replica.message, replica.retry_at = Phase.FAILED, str(exc), 0.0
+            self.converge()
+            return
+        replica.phase, replica.message = Phase.READY, ""
+        log.info("Repaired %d files", len(corrupt), extra={"dataset": name})
+        self._changed.set()
+
     async def run(self, stop: asyncio.Event) -> None:
         await self.recover()
+        scrubber = asyncio.create_task(self._scrub_loop(stop))
         backoff = 0.5
         while not stop.is_set():
             try:
@@ -307,7 +361,7 @@ class Agent:
         for replica in self._replicas.values():
             replica.cancel.set()
         tasks = [r.task for r in self._replicas.values() if r.task is not None]
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(scrubber, *tasks, return_exceptions=True)
 
     async def _session(self, stop: asyncio.Event) -> None:
         options: list[tuple[str, Any]] = [

@@ -34,3 +34,9 @@ class AgentSettings:
 
     retry_max_seconds: float = 300.0
     """Longest delay between retries of a failed dataset, seconds."""
+
+    scrub_interval_seconds: float = 86400.0
+    """Time between two scrubs of every Ready dataset, seconds; 0 disables scrubbing."""
+
+    scrub_bytes_per_second: float = 50 * 1024 * 1024
+    """Read rate of the scrub, bytes per second, so it never competes with pods' reads."""

@@ -259,3 +259,26 @@ def test_agent_killed_mid_copy_resumes_and_never_exposes_partial_data(
     kept = int(resumed[0].split("Resuming: ")[1].split()[0])
     # Every file journalled before the kill was kept (a torn last line may lose one).
     assert done_before_kill - 1 <= kept < len(contents)
+
+
+def test_scrub_quarantines_and_repairs_bit_rot(cluster: LocalCluster) -> None:
+    expected = upload_dataset(cluster, "e2e-rot", "data/")
+    start(cluster, 1, "--scrub-interval-seconds=1")
+    create(cluster, "rot", "s3://e2e-rot/data/", replicas=1)
+    wait_until(lambda: ready_nodes(cluster, "rot") == {"node-1"}, 60, "Ready replica")
+    current = cluster.cache_dir("node-1") / "datasets" / "rot" / "current"
+    victim = current / "big" / "blob.bin"
+    with victim.open("r+b") as f:
+        f.seek(1_000_000)
+        byte = f.read(1)
+        f.seek(1_000_000)
+        f.write(bytes([byte[0] ^ 0x01]))
+    quarantine = cluster.cache_dir("node-1") / "quarantine" / "rot"
+
+    wait_until(
+        lambda: any(quarantine.rglob("blob.bin.*")), 30, "the corrupt file to be quarantined"
+    )
+    wait_until(lambda: tree_digests(current) == expected, 30, "the file to be repaired")
+    wait_until(lambda: ready_nodes(cluster, "rot") == {"node-1"}, 30, "Ready after repair")
+    (rotten,) = quarantine.rglob("blob.bin.*")
+    assert hashlib.sha256(rotten.read_bytes()).hexdigest() != expected["big/blob.bin"]
