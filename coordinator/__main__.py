@@ -56,6 +56,12 @@ _DEFAULTS = CoordinatorSettings()
     help="Longest time between reconcile passes (s).",
 )
 @click.option(
+    "--node-cache-dir",
+    default=_DEFAULTS.node_cache_dir,
+    show_envvar=True,
+    help="The agents' cache directory on the nodes (for placement answers).",
+)
+@click.option(
     "--port-file",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
@@ -82,6 +88,7 @@ def main(
     kubeconfig: str | None,
     lease_seconds: int,
     reconcile_interval_seconds: float,
+    node_cache_dir: str,
     port_file: Path | None,
     log_level: str,
     log_format: logs.LogFormat,
@@ -96,6 +103,7 @@ def main(
             kubeconfig=kubeconfig,
             lease_seconds=lease_seconds,
             reconcile_interval_seconds=reconcile_interval_seconds,
+            node_cache_dir=node_cache_dir,
             port_file=port_file,
         )
     )

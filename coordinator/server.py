@@ -58,7 +58,9 @@ async def serve(settings: CoordinatorSettings, stop: asyncio.Event) -> None:
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
     )
-    pb_grpc.add_DatasetServiceServicer_to_server(DatasetService(store, reconciler), server)
+    pb_grpc.add_DatasetServiceServicer_to_server(
+        DatasetService(store, reconciler, settings), server
+    )
     pb_grpc.add_NodeServiceServicer_to_server(NodeService(store, labeler, reconciler), server)
     pb_grpc.add_AgentServiceServicer_to_server(
         AgentService(store, hub, reconciler, settings), server

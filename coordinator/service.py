@@ -20,6 +20,7 @@ from coordinator.errors import (
     NotFound,
 )
 from coordinator.labelers import NodeLabeler
+from coordinator.labels import READY_VALUE, label_key
 from coordinator.model import AgentRecord, DatasetRecord, ReplicaReport, ReplicaState
 from coordinator.reconciler import DesiredStateHub, Reconciler
 from coordinator.settings import CoordinatorSettings
@@ -124,9 +125,10 @@ def replica_view(assigned: frozenset[str], reports: list[ReplicaReport]) -> list
 
 
 class DatasetService(pb_grpc.DatasetServiceServicer):
-    def __init__(self, store: Store, reconciler: Reconciler) -> None:
+    def __init__(self, store: Store, reconciler: Reconciler, settings: CoordinatorSettings) -> None:
         self._store = store
         self._reconciler = reconciler
+        self._settings = settings
 
     def _to_pb(self, record: DatasetRecord) -> pb.Dataset:
         assigned = self._store.assignments().get(record.name, frozenset())
@@ -181,6 +183,31 @@ class DatasetService(pb_grpc.DatasetServiceServicer):
         return pb.ListDatasetsResponse(
             datasets=[self._to_pb(r) for r in records],
             next_page_token=records[-1].name if more else "",
+        )
+
+    @grpc_errors
+    async def UpdateDataset(
+        self, request: pb.UpdateDatasetRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.UpdateDatasetResponse:
+        name = validate_dataset_name(request.name)
+        record = self._store.update_replicas(name, validate_replicas(request.replicas))
+        log.info("Dataset scaled to %d replicas", record.replicas, extra={"dataset": name})
+        self._reconciler.trigger()
+        return pb.UpdateDatasetResponse(dataset=self._to_pb(record))
+
+    @grpc_errors
+    async def GetPlacement(
+        self, request: pb.GetPlacementRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetPlacementResponse:
+        record = self._store.get_dataset(validate_dataset_name(request.name))
+        dataset = self._to_pb(record)
+        return pb.GetPlacementResponse(
+            ready_nodes=[
+                r.node_name for r in dataset.status.replicas if r.state == pb.REPLICA_STATE_READY
+            ],
+            label_key=label_key(record.name),
+            label_value=READY_VALUE,
+            node_path=f"{self._settings.node_cache_dir.rstrip('/')}/datasets/{record.name}/current",
         )
 
     @grpc_errors

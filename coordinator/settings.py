@@ -30,6 +30,9 @@ class CoordinatorSettings:
     reconcile_interval_seconds: float = 5.0
     """Longest time between two reconcile passes, seconds (passes also run on every change)."""
 
+    node_cache_dir: str = "/var/lib/datacache"
+    """The agents' cache directory on the nodes, for the paths the placement query returns."""
+
     port_file: Path | None = None
     """If set, the bound gRPC port is written here once the server is serving."""
 

@@ -117,6 +117,16 @@ class Store:
         ).fetchall()
         return [DatasetRecord(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
 
+    def update_replicas(self, name: str, replicas: int) -> DatasetRecord:
+        with self._transaction() as db:
+            row = db.execute("SELECT deleting FROM datasets WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise NotFound(f"dataset {name!r} not found")
+            if row[0]:
+                raise FailedPrecondition(f"dataset {name!r} is being deleted")
+            db.execute("UPDATE datasets SET replicas = ? WHERE name = ?", (replicas, name))
+        return self.get_dataset(name)
+
     def mark_deleting(self, name: str) -> None:
         with self._transaction() as db:
             cur = db.execute("UPDATE datasets SET deleting = 1 WHERE name = ?", (name,))

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import click
 import grpc
+import yaml
 from google.protobuf.json_format import MessageToDict
 
 from datacache import __version__
@@ -121,9 +122,15 @@ def _fail_on_rpc_error(fn: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
+def _dump(data: Any, fmt: str) -> str:
+    if fmt == "yaml":
+        return yaml.safe_dump(data, sort_keys=False).rstrip()
+    return json.dumps(data, indent=2)
+
+
 def _output(obj: Any, fmt: str, render: Callable[[], str]) -> None:
-    if fmt == "json":
-        click.echo(json.dumps(MessageToDict(obj), indent=2))
+    if fmt in ("json", "yaml"):
+        click.echo(_dump(MessageToDict(obj), fmt))
     else:
         click.echo(render())
 
@@ -148,7 +155,7 @@ def dataset() -> None:
 
 
 _output_option = click.option(
-    "-o", "--output", type=click.Choice(["table", "json"]), default="table"
+    "-o", "--output", type=click.Choice(["table", "json", "yaml"]), default="table"
 )
 
 
@@ -199,8 +206,8 @@ def dataset_list(client: Client, output: str) -> None:
         token = response.next_page_token
         if not token:
             break
-    if output == "json":
-        click.echo(json.dumps([MessageToDict(d) for d in datasets], indent=2))
+    if output in ("json", "yaml"):
+        click.echo(_dump([MessageToDict(d) for d in datasets], output))
         return
     rows = [
         [
@@ -212,6 +219,56 @@ def dataset_list(client: Client, output: str) -> None:
         for d in datasets
     ]
     click.echo(table(["NAME", "SOURCE", "READY", "NODES"], rows))
+
+
+@dataset.command("update")
+@click.argument("name")
+@click.option("--replicas", type=int, required=True, help="Nodes that should hold a copy.")
+@_output_option
+@click.pass_obj
+@_fail_on_rpc_error
+def dataset_update(client: Client, name: str, replicas: int, output: str) -> None:
+    """Change how many nodes hold dataset NAME."""
+    request = pb.UpdateDatasetRequest(name=name, replicas=replicas)
+    response = client.call(pb_grpc.DatasetServiceStub, "UpdateDataset", request)
+    _output(response.dataset, output, lambda: render_dataset(response.dataset))
+
+
+def pod_snippets(placement: pb.GetPlacementResponse, name: str, preferred: bool) -> dict[str, Any]:
+    """Pod spec fragments that put a pod on a node holding the dataset and mount it read-only."""
+    term = {
+        "matchExpressions": [
+            {"key": placement.label_key, "operator": "In", "values": [placement.label_value]}
+        ]
+    }
+    node_affinity: dict[str, Any] = (
+        {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 100, "preference": term}]}
+        if preferred
+        else {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}
+    )
+    volume = f"dataset-{name}"[:63].rstrip("-.")
+    return {
+        "affinity": {"nodeAffinity": node_affinity},
+        "volumes": [
+            {"name": volume, "hostPath": {"path": placement.node_path, "type": "Directory"}}
+        ],
+        "volumeMounts": [{"name": volume, "mountPath": f"/datasets/{name}", "readOnly": True}],
+        "readyNodes": list(placement.ready_nodes),
+    }
+
+
+@dataset.command("affinity")
+@click.argument("name")
+@click.option("--preferred", is_flag=True, help="Prefer, rather than require, such nodes.")
+@click.option("-o", "--output", type=click.Choice(["yaml", "json"]), default="yaml")
+@click.pass_obj
+@_fail_on_rpc_error
+def dataset_affinity(client: Client, name: str, preferred: bool, output: str) -> None:
+    """Print pod spec snippets (node affinity, read-only volume) to read dataset NAME."""
+    placement = client.call(
+        pb_grpc.DatasetServiceStub, "GetPlacement", pb.GetPlacementRequest(name=name)
+    )
+    click.echo(_dump(pod_snippets(placement, name, preferred), output))
 
 
 @dataset.command("delete")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -282,3 +283,65 @@ def test_scrub_quarantines_and_repairs_bit_rot(cluster: LocalCluster) -> None:
     wait_until(lambda: ready_nodes(cluster, "rot") == {"node-1"}, 30, "Ready after repair")
     (rotten,) = quarantine.rglob("blob.bin.*")
     assert hashlib.sha256(rotten.read_bytes()).hexdigest() != expected["big/blob.bin"]
+
+
+def cli(cluster: LocalCluster, *args: str) -> str:
+    result = subprocess.run(
+        ["datacache", f"--coordinator={cluster.coordinator_address}", *args],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_scale_affinity_and_lease_expiry(cluster: LocalCluster) -> None:
+    upload_dataset(cluster, "e2e-scale", "data/")
+    cluster.start_coordinator("--reconcile-interval-seconds=0.5", "--lease-seconds=3")
+    for node in ("node-1", "node-2", "node-3"):
+        cluster.start_agent(node)
+    cli(
+        cluster, "dataset", "create", "scale", "--source", "s3://e2e-scale/data/", "--replicas", "1"
+    )
+    wait_until(lambda: len(ready_nodes(cluster, "scale")) == 1, 60, "1 Ready replica")
+
+    cli(cluster, "dataset", "update", "scale", "--replicas", "2")
+    wait_until(lambda: len(ready_nodes(cluster, "scale")) == 2, 60, "2 Ready replicas")
+    snippets = yaml.safe_load(cli(cluster, "dataset", "affinity", "scale"))
+    terms = snippets["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert terms["nodeSelectorTerms"][0]["matchExpressions"] == [
+        {"key": "dataset.datacache.io/scale", "operator": "In", "values": ["ready"]}
+    ]
+    assert snippets["volumes"][0]["hostPath"]["path"] == "/var/lib/datacache/datasets/scale/current"
+    assert set(snippets["readyNodes"]) == ready_nodes(cluster, "scale")
+
+    # A node whose agent stops reporting loses its replica and label once the lease expires;
+    # the replica is placed on the remaining node.
+    lost = sorted(ready_nodes(cluster, "scale"))[0]
+    cluster.agents[lost].kill()
+    spare = {"node-1", "node-2", "node-3"} - ready_nodes(cluster, "scale")
+    wait_until(
+        lambda: ready_nodes(cluster, "scale") == ({"node-1", "node-2", "node-3"} - {lost}),
+        60,
+        "re-replication after lease expiry",
+    )
+    labels = node_labels(cluster)
+    assert "dataset.datacache.io/scale" not in labels.get(lost, {})
+    assert all(labels[n]["dataset.datacache.io/scale"] == "ready" for n in spare)
+
+    cli(cluster, "dataset", "update", "scale", "--replicas", "1")
+    wait_until(lambda: len(ready_nodes(cluster, "scale")) == 1, 60, "scale down to 1")
+    (kept,) = ready_nodes(cluster, "scale")
+    wait_until(
+        lambda: (
+            sum(
+                (cluster.cache_dir(n) / "datasets" / "scale").exists()
+                for n in ("node-1", "node-2", "node-3")
+                if n != lost
+            )
+            == 1
+        ),
+        30,
+        "the extra copy to be deleted",
+    )
+    assert (cluster.cache_dir(kept) / "datasets" / "scale" / "current").exists()

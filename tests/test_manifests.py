@@ -18,7 +18,7 @@ from typing import Any
 import click
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
-import yaml  # type: ignore[import-untyped]
+import yaml
 
 from agent.__main__ import main as agent_main
 from coordinator.__main__ import main as coordinator_main

@@ -53,10 +53,20 @@ class DatasetServiceStub:
                 request_serializer=datacache_dot_v1_dot_datacache__pb2.ListDatasetsRequest.SerializeToString,
                 response_deserializer=datacache_dot_v1_dot_datacache__pb2.ListDatasetsResponse.FromString,
                 _registered_method=True)
+        self.UpdateDataset = channel.unary_unary(
+                '/datacache.v1.DatasetService/UpdateDataset',
+                request_serializer=datacache_dot_v1_dot_datacache__pb2.UpdateDatasetRequest.SerializeToString,
+                response_deserializer=datacache_dot_v1_dot_datacache__pb2.UpdateDatasetResponse.FromString,
+                _registered_method=True)
         self.DeleteDataset = channel.unary_unary(
                 '/datacache.v1.DatasetService/DeleteDataset',
                 request_serializer=datacache_dot_v1_dot_datacache__pb2.DeleteDatasetRequest.SerializeToString,
                 response_deserializer=datacache_dot_v1_dot_datacache__pb2.DeleteDatasetResponse.FromString,
+                _registered_method=True)
+        self.GetPlacement = channel.unary_unary(
+                '/datacache.v1.DatasetService/GetPlacement',
+                request_serializer=datacache_dot_v1_dot_datacache__pb2.GetPlacementRequest.SerializeToString,
+                response_deserializer=datacache_dot_v1_dot_datacache__pb2.GetPlacementResponse.FromString,
                 _registered_method=True)
 
 
@@ -89,8 +99,24 @@ class DatasetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateDataset(self, request, context):
+        """Changes a dataset's replica count. NOT_FOUND if it does not exist, FAILED_PRECONDITION
+        while it is being deleted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteDataset(self, request, context):
         """Deletes a dataset: labels are removed first, then agents delete their copies.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPlacement(self, request, context):
+        """Where a dataset can be read: the nodes holding a Ready replica, and the node label a pod
+        should require to be scheduled on one of them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -114,10 +140,20 @@ def add_DatasetServiceServicer_to_server(servicer, server):
                     request_deserializer=datacache_dot_v1_dot_datacache__pb2.ListDatasetsRequest.FromString,
                     response_serializer=datacache_dot_v1_dot_datacache__pb2.ListDatasetsResponse.SerializeToString,
             ),
+            'UpdateDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateDataset,
+                    request_deserializer=datacache_dot_v1_dot_datacache__pb2.UpdateDatasetRequest.FromString,
+                    response_serializer=datacache_dot_v1_dot_datacache__pb2.UpdateDatasetResponse.SerializeToString,
+            ),
             'DeleteDataset': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteDataset,
                     request_deserializer=datacache_dot_v1_dot_datacache__pb2.DeleteDatasetRequest.FromString,
                     response_serializer=datacache_dot_v1_dot_datacache__pb2.DeleteDatasetResponse.SerializeToString,
+            ),
+            'GetPlacement': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPlacement,
+                    request_deserializer=datacache_dot_v1_dot_datacache__pb2.GetPlacementRequest.FromString,
+                    response_serializer=datacache_dot_v1_dot_datacache__pb2.GetPlacementResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -216,6 +252,33 @@ class DatasetService:
             _registered_method=True)
 
     @staticmethod
+    def UpdateDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/datacache.v1.DatasetService/UpdateDataset',
+            datacache_dot_v1_dot_datacache__pb2.UpdateDatasetRequest.SerializeToString,
+            datacache_dot_v1_dot_datacache__pb2.UpdateDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def DeleteDataset(request,
             target,
             options=(),
@@ -232,6 +295,33 @@ class DatasetService:
             '/datacache.v1.DatasetService/DeleteDataset',
             datacache_dot_v1_dot_datacache__pb2.DeleteDatasetRequest.SerializeToString,
             datacache_dot_v1_dot_datacache__pb2.DeleteDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPlacement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/datacache.v1.DatasetService/GetPlacement',
+            datacache_dot_v1_dot_datacache__pb2.GetPlacementRequest.SerializeToString,
+            datacache_dot_v1_dot_datacache__pb2.GetPlacementResponse.FromString,
             options,
             channel_credentials,
             insecure,

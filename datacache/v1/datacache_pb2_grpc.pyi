@@ -52,8 +52,16 @@ class DatasetServiceStub:
     """Gets a dataset with its per-node status. NOT_FOUND if it does not exist."""
     ListDatasets: _grpc.UnaryUnaryMultiCallable[_datacache_pb2.ListDatasetsRequest, _datacache_pb2.ListDatasetsResponse]
     """Lists datasets in name order, paginated."""
+    UpdateDataset: _grpc.UnaryUnaryMultiCallable[_datacache_pb2.UpdateDatasetRequest, _datacache_pb2.UpdateDatasetResponse]
+    """Changes a dataset's replica count. NOT_FOUND if it does not exist, FAILED_PRECONDITION
+    while it is being deleted.
+    """
     DeleteDataset: _grpc.UnaryUnaryMultiCallable[_datacache_pb2.DeleteDatasetRequest, _datacache_pb2.DeleteDatasetResponse]
     """Deletes a dataset: labels are removed first, then agents delete their copies."""
+    GetPlacement: _grpc.UnaryUnaryMultiCallable[_datacache_pb2.GetPlacementRequest, _datacache_pb2.GetPlacementResponse]
+    """Where a dataset can be read: the nodes holding a Ready replica, and the node label a pod
+    should require to be scheduled on one of them.
+    """
 
 @_typing.type_check_only
 class DatasetServiceAsyncStub(DatasetServiceStub):
@@ -71,8 +79,16 @@ class DatasetServiceAsyncStub(DatasetServiceStub):
     """Gets a dataset with its per-node status. NOT_FOUND if it does not exist."""
     ListDatasets: _aio.UnaryUnaryMultiCallable[_datacache_pb2.ListDatasetsRequest, _datacache_pb2.ListDatasetsResponse]  # type: ignore[assignment]
     """Lists datasets in name order, paginated."""
+    UpdateDataset: _aio.UnaryUnaryMultiCallable[_datacache_pb2.UpdateDatasetRequest, _datacache_pb2.UpdateDatasetResponse]  # type: ignore[assignment]
+    """Changes a dataset's replica count. NOT_FOUND if it does not exist, FAILED_PRECONDITION
+    while it is being deleted.
+    """
     DeleteDataset: _aio.UnaryUnaryMultiCallable[_datacache_pb2.DeleteDatasetRequest, _datacache_pb2.DeleteDatasetResponse]  # type: ignore[assignment]
     """Deletes a dataset: labels are removed first, then agents delete their copies."""
+    GetPlacement: _aio.UnaryUnaryMultiCallable[_datacache_pb2.GetPlacementRequest, _datacache_pb2.GetPlacementResponse]  # type: ignore[assignment]
+    """Where a dataset can be read: the nodes holding a Ready replica, and the node label a pod
+    should require to be scheduled on one of them.
+    """
 
 class DatasetServiceServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------------------------------------
@@ -107,12 +123,32 @@ class DatasetServiceServicer(metaclass=_abc_1.ABCMeta):
         """Lists datasets in name order, paginated."""
 
     @_abc_1.abstractmethod
+    def UpdateDataset(
+        self,
+        request: _datacache_pb2.UpdateDatasetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datacache_pb2.UpdateDatasetResponse, _abc.Awaitable[_datacache_pb2.UpdateDatasetResponse]]:
+        """Changes a dataset's replica count. NOT_FOUND if it does not exist, FAILED_PRECONDITION
+        while it is being deleted.
+        """
+
+    @_abc_1.abstractmethod
     def DeleteDataset(
         self,
         request: _datacache_pb2.DeleteDatasetRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_datacache_pb2.DeleteDatasetResponse, _abc.Awaitable[_datacache_pb2.DeleteDatasetResponse]]:
         """Deletes a dataset: labels are removed first, then agents delete their copies."""
+
+    @_abc_1.abstractmethod
+    def GetPlacement(
+        self,
+        request: _datacache_pb2.GetPlacementRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datacache_pb2.GetPlacementResponse, _abc.Awaitable[_datacache_pb2.GetPlacementResponse]]:
+        """Where a dataset can be read: the nodes holding a Ready replica, and the node label a pod
+        should require to be scheduled on one of them.
+        """
 
 def add_DatasetServiceServicer_to_server(servicer: DatasetServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
