@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import prometheus_client
 
+from agent import metrics
 from agent.errors import AgentError
 from agent.fetch import FetchSettings, Progress, fetch_into, plan
 from agent.manifest import Manifest
@@ -148,6 +150,17 @@ def main() -> None:
     help="First retry delay for a failed dataset (s), doubling.",
 )
 @option(
+    "metrics-port",
+    type=click.IntRange(0, 65535),
+    default=9401,
+    help="Serve Prometheus metrics on this port (0: no metrics endpoint).",
+)
+@option(
+    "metrics-address",
+    default="0.0.0.0",  # noqa: S104 - Prometheus scrapes the pod from outside
+    help="Address for the metrics endpoint.",
+)
+@option(
     "scrub-interval-seconds",
     type=click.FloatRange(0),
     default=86400.0,
@@ -175,6 +188,10 @@ def run(**kwargs: Any) -> None:
         scrub_bytes_per_second=kwargs["scrub_bytes_per_second"],
     )
     opener = SourceOpener(settings.s3)
+    if kwargs["metrics_port"]:
+        prometheus_client.start_http_server(
+            kwargs["metrics_port"], kwargs["metrics_address"], registry=metrics.REGISTRY
+        )
 
     async def serve() -> None:
         stop = asyncio.Event()

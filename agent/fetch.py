@@ -36,7 +36,7 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent import checksums
+from agent import checksums, metrics
 from agent.errors import (
     AgentError,
     DiskFull,
@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 _MD5_ETAG = re.compile(r'"?([0-9a-fA-F]{32})"?')
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MAX_RESTARTS = 3
+_RETRY_REASONS = {"retries": "transport", "checksum_failures": "checksum", "restarts": "changed"}
 
 
 @dataclass(frozen=True)
@@ -93,16 +94,26 @@ class Progress:
     """Files whose bytes did not match the source's checksum (each fetched again or failed)."""
     restarts: int = 0
     """Objects restarted because they changed while being copied."""
+    labels: tuple[str, str] | None = None
+    """(source type, dataset) for the byte and file metrics; None counts nothing there."""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, files: int = 0, nbytes: int = 0) -> None:
         with self._lock:
             self.files_done += files
             self.bytes_done += nbytes
+        if self.labels is not None:
+            if nbytes:
+                metrics.FETCHED_BYTES.labels(*self.labels).inc(nbytes)
+            if files:
+                metrics.FETCHED_FILES.labels(*self.labels).inc(files)
 
     def count(self, counter: str) -> None:
         with self._lock:
             setattr(self, counter, getattr(self, counter) + 1)
+        if counter == "checksum_failures":
+            metrics.CHECKSUM_FAILURES.inc()
+        metrics.FETCH_RETRIES.labels(_RETRY_REASONS[counter]).inc()
 
 
 @dataclass(frozen=True)
@@ -330,6 +341,7 @@ class _Engine:
             crc64nvme=f"{crc:016x}",
             verified=method,
         )
+        metrics.VERIFIED_FILES.labels(method).inc()
         with self.entries_lock:
             self.entries.append(entry)
         if self.journal is not None:

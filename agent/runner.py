@@ -25,6 +25,7 @@ from typing import Any
 
 import grpc
 
+from agent import metrics
 from agent.errors import AgentError, DiskFull, FetchCancelled
 from agent.fetch import Progress, fetch_into, plan
 from agent.journal import Journal
@@ -187,6 +188,7 @@ class Agent:
 
     def _start_fetch(self, name: str, source: str, previous: Replica | None) -> None:
         replica = Replica(source=source, phase=Phase.FETCHING)
+        replica.progress.labels = (source.split(":", 1)[0], name)
         if previous is not None:
             replica.failures = previous.failures
             if previous.phase is Phase.READY:
@@ -200,7 +202,15 @@ class Agent:
             async with self._fetch_slots:
                 log.info("Fetching from %s", replica.source, extra={"dataset": name})
                 started = time.monotonic()
-                manifest = await asyncio.to_thread(self._fetch_sync, name, replica)
+                metrics.FETCHES_IN_FLIGHT.inc()
+                try:
+                    manifest = await asyncio.to_thread(self._fetch_sync, name, replica)
+                except Exception:
+                    metrics.FETCH_DURATION.labels("failed").observe(time.monotonic() - started)
+                    raise
+                finally:
+                    metrics.FETCHES_IN_FLIGHT.dec()
+                metrics.FETCH_DURATION.labels("ready").observe(time.monotonic() - started)
             replica.manifest, replica.phase = manifest, Phase.READY
             replica.failures, replica.message = 0, ""
             log.info(
@@ -277,6 +287,7 @@ class Agent:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60.0)
         log.info("Deleted", extra={"dataset": name})
+        metrics.EVICTIONS.inc()
         del self._replicas[name]
         self.converge()
         self._changed.set()
@@ -285,6 +296,11 @@ class Agent:
 
     def state_request(self) -> pb.ReportStateRequest:
         usage = self._store.usage()
+        metrics.CACHE_CAPACITY.set(usage.capacity_bytes)
+        metrics.CACHE_FREE.set(usage.free_bytes)
+        metrics.CACHE_USED.set(
+            sum(r.manifest.total_bytes for r in self._replicas.values() if r.manifest is not None)
+        )
         return pb.ReportStateRequest(
             agent=self._identity,
             replicas=[r.report(name) for name, r in sorted(self._replicas.items())],

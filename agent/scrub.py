@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from agent import checksums
+from agent import checksums, metrics
 from agent.errors import FetchCancelled, SourceChanged, VerificationError
 from agent.fetch import FetchSettings, PlannedFile, Progress, fetch_into
 from agent.manifest import FileEntry, Manifest
@@ -79,6 +79,9 @@ def find_corrupt(
         crc = _crc_of(version_dir / entry.path, entry.size, limiter, cancel)
         if crc is None or f"{crc:016x}" != entry.crc64nvme:
             corrupt.append(entry)
+            metrics.SCRUBBED_FILES.labels("corrupt").inc()
+        else:
+            metrics.SCRUBBED_FILES.labels("ok").inc()
     return corrupt
 
 

@@ -62,6 +62,19 @@ _DEFAULTS = CoordinatorSettings()
     help="The agents' cache directory on the nodes (for placement answers).",
 )
 @click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=_DEFAULTS.metrics_port,
+    show_envvar=True,
+    help="Serve Prometheus metrics on this port (0: no metrics endpoint).",
+)
+@click.option(
+    "--metrics-address",
+    default=_DEFAULTS.metrics_address,
+    show_envvar=True,
+    help="Address for the metrics endpoint.",
+)
+@click.option(
     "--port-file",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
@@ -89,6 +102,8 @@ def main(
     lease_seconds: int,
     reconcile_interval_seconds: float,
     node_cache_dir: str,
+    metrics_port: int,
+    metrics_address: str,
     port_file: Path | None,
     log_level: str,
     log_format: logs.LogFormat,
@@ -104,6 +119,8 @@ def main(
             lease_seconds=lease_seconds,
             reconcile_interval_seconds=reconcile_interval_seconds,
             node_cache_dir=node_cache_dir,
+            metrics_port=metrics_port,
+            metrics_address=metrics_address,
             port_file=port_file,
         )
     )

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from coordinator import metrics
 from coordinator.errors import LabelerError, NodeMissing
 from coordinator.labelers import NodeLabeler
 from coordinator.labels import desired_node_labels
@@ -111,7 +112,13 @@ class Reconciler:
 
     async def reconcile_once(self) -> None:
         async with self._lock:
-            await self._reconcile()
+            try:
+                with metrics.RECONCILE_DURATION.time():
+                    await self._reconcile()
+            except Exception:
+                metrics.RECONCILE_PASSES.labels("error").inc()
+                raise
+            metrics.RECONCILE_PASSES.labels("ok").inc()
 
     async def _reconcile(self) -> None:
         store = self._store
@@ -181,10 +188,13 @@ class Reconciler:
                 continue
             try:
                 if await self._labeler.set_labels(node, want):
+                    metrics.LABEL_PATCHES.labels("applied").inc()
                     log.info("Labels of node updated: %s", sorted(want), extra={"object": node})
             except NodeMissing:
+                metrics.LABEL_PATCHES.labels("node_missing").inc()
                 log.warning("Node has no Node object; cannot label it", extra={"object": node})
             except LabelerError as exc:
+                metrics.LABEL_PATCHES.labels("failed").inc()
                 log.warning("Label update failed: %s", exc, extra={"object": node})
                 failed.add(node)
         return failed

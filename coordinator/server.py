@@ -10,9 +10,11 @@ import signal
 import time
 
 import grpc
+import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from coordinator import metrics
 from coordinator.labelers import LocalNodeLabeler, NodeLabeler
 from coordinator.reconciler import DesiredStateHub, Reconciler
 from coordinator.service import AgentService, DatasetService, NodeService
@@ -48,6 +50,11 @@ async def serve(settings: CoordinatorSettings, stop: asyncio.Event) -> None:
     labeler = make_labeler(settings, store)
     hub = DesiredStateHub()
     reconciler = Reconciler(store, labeler, hub, settings)
+    metrics.REGISTRY.register(metrics.StateCollector(settings.db_path, settings.lease_seconds))
+    if settings.metrics_port:
+        prometheus_client.start_http_server(
+            settings.metrics_port, settings.metrics_address, registry=metrics.REGISTRY
+        )
 
     server = grpc.aio.server(
         options=[

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from coordinator import metrics
 from coordinator.errors import (
     AlreadyExists,
     CoordinatorError,
@@ -76,16 +77,25 @@ def grpc_errors(
 ) -> Callable[[Self, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]:
     """Maps the coordinator's exceptions to gRPC status codes at the edge."""
 
+    name = method.__name__
+
     @functools.wraps(method)
     async def wrapper(
         self: Self, request: Req, context: grpc.aio.ServicerContext[Any, Any]
     ) -> Resp:
+        code = grpc.StatusCode.INTERNAL
         try:
-            return await method(self, request, context)
+            response = await method(self, request, context)
+            code = grpc.StatusCode.OK
+            return response
         except InvalidInput as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            code = grpc.StatusCode.INVALID_ARGUMENT
+            await context.abort(code, str(exc))
         except CoordinatorError as exc:
-            await context.abort(_status_of(exc), str(exc))
+            code = _status_of(exc)
+            await context.abort(code, str(exc))
+        finally:
+            metrics.GRPC_REQUESTS.labels(name, code.name).inc()
         raise AssertionError("unreachable: abort() raises")
 
     return wrapper
@@ -366,7 +376,14 @@ class AgentService(pb_grpc.AgentServiceServicer):
             raise InvalidArgument("report lists the same dataset more than once")
         agent = self._require_registered(node, cache_id)
         was_live = node in self._reconciler.live_nodes()
-        previous = {(r.dataset, r.state, r.digest) for r in self._store.reports(node=node)}
+        earlier = self._store.reports(node=node)
+        previous = {(r.dataset, r.state, r.digest) for r in earlier}
+        done_before = {r.dataset: r.bytes_done for r in earlier}
+        for report in reports:
+            # Progress since the last report; a new copy starting again from zero adds nothing.
+            delta = report.bytes_done - done_before.get(report.dataset, 0)
+            if delta > 0 and report.state in (ReplicaState.FETCHING, ReplicaState.READY):
+                metrics.FETCHED_BYTES.labels(report.dataset).inc(delta)
         self._store.upsert_agent(
             AgentRecord(
                 node_name=node,

@@ -33,6 +33,12 @@ class CoordinatorSettings:
     node_cache_dir: str = "/var/lib/datacache"
     """The agents' cache directory on the nodes, for the paths the placement query returns."""
 
+    metrics_port: int = 9400
+    """Port of the Prometheus metrics endpoint; 0 disables it."""
+
+    metrics_address: str = "0.0.0.0"  # noqa: S104 - Prometheus scrapes the pod from outside
+    """Address of the Prometheus metrics endpoint."""
+
     port_file: Path | None = None
     """If set, the bound gRPC port is written here once the server is serving."""
 

@@ -115,6 +115,8 @@ class LocalCluster:
         self.coordinator_address = ""
         self.agents: dict[str, Process] = {}
         self._coordinator: Process | None = None
+        self.coordinator_metrics_port = free_port()
+        self.agent_metrics_ports: dict[str, int] = {}
 
     def __enter__(self) -> LocalCluster:
         return self
@@ -229,6 +231,8 @@ class LocalCluster:
             f"--listen={listen}",
             f"--port-file={port_file}",
             f"--db-path={self.workdir / 'coordinator.db'}",
+            f"--metrics-port={self.coordinator_metrics_port}",
+            "--metrics-address=127.0.0.1",
             "--log-format=json",
             *extra,
         ]
@@ -258,6 +262,8 @@ class LocalCluster:
             f"--coordinator={self.coordinator_address}",
             f"--cache-dir={self.cache_dir(node)}",
             f"--s3-endpoint-url={self.s3_endpoint}",
+            f"--metrics-port={self.agent_metrics_ports.setdefault(node, free_port())}",
+            "--metrics-address=127.0.0.1",
             "--log-format=json",
             "--report-interval-seconds=1",
             "--retry-base-seconds=1",
