@@ -352,8 +352,8 @@ def test_coordinator_deployment() -> None:
     assert security["capabilities"]["drop"] == ["ALL"]
     assert "--labeler=kubernetes" in container["args"]
 
-    (port,) = container["ports"]
-    assert (port["name"], port["containerPort"]) == ("grpc", 7400)
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports == {"grpc": 7400, "metrics": 9400}
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == 7400, probe
     assert container["resources"]["requests"].keys() >= {"cpu", "memory"}
