@@ -368,7 +368,7 @@ def test_agents_dial_the_coordinator_service() -> None:
     deployment = find("Deployment", "datacache-coordinator")
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= labels.items()
-    (port,) = service["spec"]["ports"]
+    port = next(p for p in service["spec"]["ports"] if p["name"] == "grpc")
     assert port["targetPort"] == "grpc"
 
     agent_env = env_of(only_container(find("DaemonSet", "datacache-agent")))
