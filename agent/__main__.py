@@ -26,6 +26,7 @@ from agent.manifest import Manifest
 from agent.runner import Agent
 from agent.settings import AgentSettings
 from agent.sources import SourceOpener
+from agent.sources.nfs import NfsSettings
 from agent.sources.s3 import S3Settings
 from agent.store import CacheStore
 from datacache import __version__, logs
@@ -53,6 +54,12 @@ def transfer_options(fn: F) -> F:
             help="S3-compatible endpoint (default: AWS, or AWS_ENDPOINT_URL_S3).",
         ),
         option("s3-region", default=None, help="Region for request signing."),
+        option(
+            "nfs-version",
+            type=click.Choice(["3", "4"]),
+            default="3",
+            help="NFS protocol version for nfs:// sources.",
+        ),
         option(
             "concurrency",
             type=click.IntRange(1, 256),
@@ -105,6 +112,12 @@ def _s3_settings(kwargs: dict[str, Any]) -> S3Settings:
         endpoint_url=kwargs["s3_endpoint_url"],
         region=kwargs["s3_region"],
         max_connections=max(10, kwargs["concurrency"]),
+    )
+
+
+def _nfs_settings(kwargs: dict[str, Any]) -> NfsSettings:
+    return NfsSettings(
+        version=int(kwargs["nfs_version"]), max_connections=max(4, kwargs["concurrency"])
     )
 
 
@@ -182,12 +195,13 @@ def run(**kwargs: Any) -> None:
         cache_dir=kwargs["cache_dir"],
         fetch=_fetch_settings(kwargs),
         s3=_s3_settings(kwargs),
+        nfs=_nfs_settings(kwargs),
         report_interval_seconds=kwargs["report_interval_seconds"],
         retry_base_seconds=kwargs["retry_base_seconds"],
         scrub_interval_seconds=kwargs["scrub_interval_seconds"],
         scrub_bytes_per_second=kwargs["scrub_bytes_per_second"],
     )
-    opener = SourceOpener(settings.s3)
+    opener = SourceOpener(settings.s3, settings.nfs)
     if kwargs["metrics_port"]:
         prometheus_client.start_http_server(
             kwargs["metrics_port"], kwargs["metrics_address"], registry=metrics.REGISTRY
@@ -259,7 +273,7 @@ def fetch(source: str, dest: Path, **kwargs: Any) -> None:
     printer = _progress_printer(progress, done) if show else None
     started = time.monotonic()
     try:
-        src = SourceOpener(_s3_settings(kwargs)).open(source)
+        src = SourceOpener(_s3_settings(kwargs), _nfs_settings(kwargs)).open(source)
         files, refused = plan(list(src.list()))
         entries = fetch_into(src, files, staged, settings, progress, cancel)
         if dest.exists():

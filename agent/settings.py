@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.fetch import FetchSettings
+from agent.sources.nfs import NfsSettings
 from agent.sources.s3 import S3Settings
 
 
@@ -23,6 +24,7 @@ class AgentSettings:
 
     fetch: FetchSettings = field(default_factory=FetchSettings)
     s3: S3Settings = field(default_factory=S3Settings)
+    nfs: NfsSettings = field(default_factory=NfsSettings)
 
     report_interval_seconds: float = 5.0
     """Longest time between two state reports, seconds (reports also go out on change).

@@ -30,7 +30,7 @@ import errno
 import logging
 import os
 from collections.abc import Iterator
-from stat import S_ISREG
+from stat import S_ISLNK, S_ISREG
 from typing import TYPE_CHECKING
 
 from agent.errors import SourceChanged, SourceError
@@ -156,17 +156,22 @@ class LocalDirSource:
             fd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             raise SourceError(f"opening {self._uri}: {exc.strerror}") from exc
+        done: list[str] = []
         try:
             for part in parts[:-1]:
                 nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
                 os.close(fd)
                 fd = nxt
+                done.append(part)
             return os.open(parts[-1], _FILE_FLAGS, dir_fd=fd)
         except OSError as exc:
+            failed = "/".join([*done, parts[len(done)]])
+            if exc.errno in (*_MISSING, errno.ELOOP) and _is_link(fd, parts[len(done)]):
+                raise SourceError(
+                    f"{path}: {self._root}{failed} is a symbolic link, which is not followed"
+                ) from exc
             if exc.errno in _MISSING:
                 raise SourceError(f"{path}: no such file (deleted since it was listed?)") from exc
-            if exc.errno == errno.ELOOP:
-                raise SourceError(f"{path}: is a symbolic link, which is not followed") from exc
             raise SourceError(f"opening {path}: {exc.strerror}") from exc
         finally:
             os.close(fd)
@@ -225,6 +230,13 @@ class LocalDirSource:
     def checksum(self, obj: ObjectInfo) -> ObjectChecksum | None:
         """A plain file stores no checksum of its content."""
         return None
+
+
+def _is_link(dir_fd: int, name: str) -> bool:
+    try:
+        return S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
 
 
 def _join(where: str, name: str) -> str:

@@ -12,9 +12,10 @@ Design choices:
   order, so other sonames are refused rather than guessed at.
 - **One context per concurrent reader.** A libnfs context is not thread-safe. The source keeps
   a bounded pool of contexts, created lazily when a reader finds none idle, each with its own
-  TCP connection; several connections are also what makes it fast (on 2 cores: ~0.9 GB/s with
-  one, ~2 GB/s with two, NFSv3). A context whose call failed in transport is destroyed, never
-  reused; one idle longer than the server's idle timeout is replaced before use.
+  TCP connection; several connections are also what makes it fast (reading into memory on 2
+  cores: ~0.9 GB/s with one, up to ~2 GB/s with two, NFSv3). A context whose call failed in
+  transport is destroyed, never reused; one idle longer than the server's idle timeout is
+  replaced before use.
 - **NFSv3 by default, NFSv4 on request** (`version=4`). NFSv4 servers identify clients by
   name, and libnfs's default name ("Libnfs pid:<pid> <seconds>") is the same for contexts
   made in the same second: each v4 context gets a unique name, otherwise the server expires
@@ -30,9 +31,11 @@ Design choices:
   take these from READDIRPLUS; libnfs 4.0.0 leaves the file id of NFSv4 directory entries
   unset, so NFSv4 listings ask for each file's attributes (one round trip per file).
 - **Symbolic links** and special files are skipped and logged at info; files are opened with
-  O_NOFOLLOW. libnfs resolves paths on the client, inside the mounted export.
+  O_NOFOLLOW. A link in the middle of a path (a directory replaced by a link after listing)
+  is resolved by libnfs on the client, inside the mounted export; the version check still
+  refuses any file but the one listed.
 - **Subdirectory mounts.** The dataset path is mounted directly when the server allows it
-  (nfs-ganesha, Linux knfsd do); otherwise its closest mountable parent is, and the rest of
+  (nfs-ganesha does); otherwise its closest mountable parent is, and the rest of
   the path is walked inside it.
 """
 
@@ -97,7 +100,7 @@ class NfsSettings:
     """Timeout of each NFS call, whole seconds (libnfs's granularity)."""
     idle_seconds: float = 120.0
     """A context idle longer than this is replaced before use: servers close idle
-    connections (nfs-ganesha after 300 s, Linux knfsd after 6 minutes)."""
+    connections (nfs-ganesha after 300 s by default)."""
     acquire_timeout_seconds: float = 300.0
     """Longest wait for a free context when every one is busy."""
 
@@ -270,7 +273,7 @@ class _Context:
         self.check(self.lib.nfs_lstat64(self.ptr, path, ctypes.byref(st)), "stat")
         return st
 
-    def listdir(self, path: bytes) -> list[_Entry]:
+    def listdir(self, path: bytes, version: int) -> list[_Entry]:
         handle = ctypes.c_void_p()
         self.check(self.lib.nfs_opendir(self.ptr, path, ctypes.byref(handle)), "opendir")
         entries: list[_Entry] = []
@@ -290,6 +293,7 @@ class _Context:
                         d.size,
                         _mtime_ns(d.mtime.tv_sec, d.mtime_nsec),
                         d.inode,
+                        version == 3 and d.type != 0,
                     )
                 )
         finally:
@@ -326,6 +330,9 @@ class _Entry:
     size: int
     mtime_ns: int
     inode: int
+    exact: bool
+    """Whether size, mtime and file id are the file's: READDIRPLUS gives them over NFSv3,
+    libnfs 4.0.0 leaves the file id unset over NFSv4."""
 
 
 def _kind(nf3_type: int, mode: int) -> str:
@@ -523,53 +530,60 @@ class NfsSource:
             self._pool.release(ctx)
 
     def list(self) -> Iterator[ObjectInfo]:
+        # Directories being walked, one per level: (key prefix, items left in key order).
+        # An item is a file's ObjectInfo or a subdirectory's key.
+        stack = [("", self._read_dir(""))]
+        while stack:
+            item = next(stack[-1][1], None)
+            if item is None:
+                stack.pop()
+            elif isinstance(item, str):
+                stack.append((item + "/", self._read_dir(item)))
+            else:
+                yield item
+
+    def _read_dir(self, key: str) -> Iterator[ObjectInfo | str]:
+        """One directory's files and subdirectories, sorted for a key-order walk. A context is
+        borrowed per directory, not for the whole listing: a caller that reads while it lists
+        does not hold two."""
         with self._context() as ctx:
             assert self._split is not None
             base = self._split[1]
-            # Directories being walked, one per level: (key prefix, entries left in key order).
-            stack = [("", self._listdir(ctx, base, ""))]
-            while stack:
-                prefix, entries = stack[-1]
-                entry = next(entries, None)
+            path = base + b"/" + key.encode("utf-8", "surrogateescape") if key else base or b"/"
+            try:
+                entries = ctx.listdir(path, self._settings.version)
+            except _CallFailed as exc:
+                raise self._error(path, exc) from exc.os_error
+            items: list[tuple[bytes, ObjectInfo | str]] = []
+            uri = self._uri
+            for listed in entries:
+                entry = self._resolve(ctx, path, listed)
                 if entry is None:
-                    stack.pop()
                     continue
-                key = prefix + entry.name.decode("utf-8", "surrogateescape")
-                if entry.kind == "dir":
-                    stack.append((key + "/", self._listdir(ctx, base, key)))
-                    continue
-                info = self._file_info(ctx, base, key, entry)
-                if info is not None:
-                    yield info
+                name = entry.name.decode("utf-8", "surrogateescape")
+                child = f"{key}/{name}" if key else name
+                if entry.kind == "link":
+                    log.info("Skipping symbolic link (not followed)", extra={"path": uri + child})
+                elif entry.kind == "other":
+                    log.info("Skipping special file", extra={"path": uri + child})
+                elif entry.kind == "dir":
+                    items.append((sort_key(entry.name, True), child))
+                else:
+                    info = self._file_info(ctx, path + b"/" + entry.name, child, entry)
+                    if info is not None:
+                        items.append((sort_key(entry.name, False), info))
+        items.sort(key=lambda pair: pair[0])
+        return iter([item for _, item in items])
 
-    def _listdir(self, ctx: _Context, base: bytes, key: str) -> Iterator[_Entry]:
-        path = base + b"/" + key.encode("utf-8", "surrogateescape") if key else base or b"/"
-        try:
-            entries = ctx.listdir(path)
-        except _CallFailed as exc:
-            raise self._error(path, exc) from exc.os_error
-        kept: list[tuple[bytes, _Entry]] = []
-        for entry in entries:
-            if entry.kind == "unknown":
-                # Listed without attributes (servers may omit them): ask for them.
-                found = self._lstat(ctx, path + b"/" + entry.name)
-                if found is None:
-                    continue
-                entry = _Entry(
-                    entry.name,
-                    _kind(0, found.nfs_mode),
-                    found.nfs_size,
-                    _mtime_ns(found.nfs_mtime, found.nfs_mtime_nsec),
-                    found.nfs_ino,
-                )
-            if entry.kind in ("link", "other"):
-                what = "symbolic link (not followed)" if entry.kind == "link" else "special file"
-                name = entry.name.decode("utf-8", "replace")
-                log.info("Skipping %s", what, extra={"path": f"{self._uri}{key}/{name}"})
-                continue
-            kept.append((sort_key(entry.name, entry.kind == "dir"), entry))
-        kept.sort(key=lambda pair: pair[0])
-        return iter([entry for _, entry in kept])
+    def _resolve(self, ctx: _Context, dir_path: bytes, entry: _Entry) -> _Entry | None:
+        """The entry with its type known: servers may list entries without attributes."""
+        if entry.kind != "unknown":
+            return entry
+        st = self._lstat(ctx, dir_path + b"/" + entry.name)
+        if st is None:
+            return None
+        mtime = _mtime_ns(st.nfs_mtime, st.nfs_mtime_nsec)
+        return _Entry(entry.name, _kind(0, st.nfs_mode), st.nfs_size, mtime, st.nfs_ino, True)
 
     def _lstat(self, ctx: _Context, path: bytes) -> _Stat64 | None:
         """The entry's attributes, or None if it was deleted meanwhile."""
@@ -580,12 +594,10 @@ class NfsSource:
                 return None
             raise self._error(path, exc) from exc.os_error
 
-    def _file_info(self, ctx: _Context, base: bytes, key: str, entry: _Entry) -> ObjectInfo | None:
-        if self._settings.version == 3:
-            # READDIRPLUS attributes: size, mtime and file id are exact.
-            tag = version_tag(entry.size, entry.mtime_ns, entry.inode)
-            return ObjectInfo(key, entry.size, tag)
-        st = self._lstat(ctx, base + b"/" + key.encode("utf-8", "surrogateescape"))
+    def _file_info(self, ctx: _Context, path: bytes, key: str, entry: _Entry) -> ObjectInfo | None:
+        if entry.exact:
+            return ObjectInfo(key, entry.size, version_tag(entry.size, entry.mtime_ns, entry.inode))
+        st = self._lstat(ctx, path)
         if st is None or S_IFMT(st.nfs_mode) != S_IFREG:
             return None
         return ObjectInfo(key, st.nfs_size, _tag(st))
