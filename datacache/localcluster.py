@@ -171,10 +171,12 @@ class LocalCluster:
             "-ip.bind=127.0.0.1",
             f"-master.port={ports['master']}",
             f"-master.port.grpc={grpc_ports['master']}",
-            "-master.volumeSizeLimitMB=1024",
+            # Each bucket is a collection that grows 7 volumes; an explicit, generous volume
+            # count (volumes are sparse files) lets a test session create many buckets.
+            "-master.volumeSizeLimitMB=256",
             f"-volume.port={ports['volume']}",
             f"-volume.port.grpc={grpc_ports['volume']}",
-            "-volume.max=0",
+            "-volume.max=2000",
             "-filer",
             f"-filer.port={ports['filer']}",
             f"-filer.port.grpc={grpc_ports['filer']}",
