@@ -55,6 +55,12 @@ def transfer_options(fn: F) -> F:
         ),
         option("s3-region", default=None, help="Region for request signing."),
         option(
+            "s3-read-timeout-seconds",
+            type=click.FloatRange(1, 3600),
+            default=60.0,
+            help="Abandon and retry a read silent for this long (s).",
+        ),
+        option(
             "nfs-version",
             type=click.Choice(["3", "4"]),
             default="3",
@@ -111,6 +117,7 @@ def _s3_settings(kwargs: dict[str, Any]) -> S3Settings:
     return S3Settings(
         endpoint_url=kwargs["s3_endpoint_url"],
         region=kwargs["s3_region"],
+        read_timeout_seconds=kwargs["s3_read_timeout_seconds"],
         max_connections=max(10, kwargs["concurrency"]),
     )
 

@@ -12,7 +12,7 @@ import botocore.config
 import botocore.exceptions
 
 from agent.checksums import ObjectChecksum, from_s3_response
-from agent.errors import SourceChanged, SourceError
+from agent.errors import SourceChanged, SourceError, VerificationError
 from agent.sources.base import READ_CHUNK_BYTES, ObjectInfo
 from datacache.validation import S3Source as S3Location
 
@@ -26,6 +26,8 @@ class S3Settings:
     """S3 endpoint; None means AWS (or AWS_ENDPOINT_URL_S3 from the environment)."""
     region: str | None = None
     """Region for request signing; None uses the standard AWS configuration chain."""
+    read_timeout_seconds: float = 60.0
+    """A response silent this long is abandoned and the read retried, seconds."""
     max_connections: int = 32
     """Connection pool size; should be at least the engine's concurrency."""
 
@@ -36,7 +38,7 @@ def s3_client(settings: S3Settings) -> S3Client:
         max_pool_connections=settings.max_connections,
         retries={"mode": "standard", "max_attempts": 5},
         connect_timeout=10,
-        read_timeout=60,
+        read_timeout=settings.read_timeout_seconds,
         # Path-style works with every S3-compatible server; virtual-host style does not.
         s3={"addressing_style": "path"},
     )
@@ -132,6 +134,11 @@ class S3ObjectSource:
                     f"s3://{self._location.bucket}/{key} changed while being copied"
                 ) from exc
             raise SourceError(f"reading s3://{self._location.bucket}/{key}: {code}") from exc
+        except botocore.exceptions.FlexibleChecksumError as exc:
+            # botocore checked the whole-object checksum itself and the bytes were wrong.
+            raise VerificationError(
+                f"s3://{self._location.bucket}/{key}: received bytes fail the stored checksum"
+            ) from exc
         except botocore.exceptions.BotoCoreError as exc:
             raise SourceError(f"reading s3://{self._location.bucket}/{key}: {exc}") from exc
         if received != length:
