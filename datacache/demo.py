@@ -106,9 +106,12 @@ def run_demo(node_count: int, replicas: int, workdir: str | None, timeout: float
             say(render_dataset(dataset))
             say("")
             say(render_nodes(cluster.list_nodes()))
+            say("")
             for replica in dataset.status.replicas:
                 path = cluster.cache_dir(replica.node_name) / "datasets" / DATASET / "current"
-                say(f"\n{replica.node_name} serves the dataset from {path}")
+                say(f"{replica.node_name} serves the dataset from {path}")
+            if workdir is None:
+                say("\nStopping; the temporary working directory is removed (--workdir keeps it).")
     except ClusterError as exc:
         say(f"demo failed: {exc}", err=True)
         say(f"logs are in {base}", err=True)
