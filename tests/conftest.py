@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,3 +59,27 @@ def kube(tmp_path: Path) -> Iterator[tuple[FakeKubeAPI, Path]]:
     with FakeKubeAPI() as fake:
         yield fake, fake.write_kubeconfig(tmp_path / "kubeconfig")
         assert not fake.server_errors, fake.server_errors
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(mountpoint: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (e.g. "8m") at `mountpoint`: a real filesystem that fills up with a
+    real ENOSPC. Skips the test when mounting is not permitted (it needs root)."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    try:
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mountpoint)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except FileNotFoundError:
+        pytest.skip("no mount command: this test needs to mount a small tmpfs")
+    if mounted.returncode != 0:
+        pytest.skip(
+            f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {mounted.stderr.strip()}"
+        )
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "--lazy", str(mountpoint)], check=True, timeout=30)

@@ -58,6 +58,14 @@ def ready_nodes(cluster: LocalCluster, name: str) -> set[str]:
     return {r.node_name for r in dataset.status.replicas if r.state == pb.REPLICA_STATE_READY}
 
 
+def dataset_gone(cluster: LocalCluster, name: str) -> bool:
+    try:
+        cluster.get_dataset(name)
+    except grpc.RpcError as exc:
+        return exc.code() == grpc.StatusCode.NOT_FOUND
+    return False
+
+
 def node_labels(cluster: LocalCluster) -> dict[str, dict[str, str]]:
     return {n.name: dict(n.labels) for n in cluster.list_nodes()}
 
@@ -137,14 +145,7 @@ def test_dataset_is_replicated_labelled_and_deleted(cluster: LocalCluster) -> No
     )
     assert deleted.returncode == 0, deleted.stderr
 
-    def gone() -> bool:
-        try:
-            cluster.get_dataset("photos")
-        except grpc.RpcError as exc:
-            return exc.code() == grpc.StatusCode.NOT_FOUND
-        return False
-
-    wait_until(gone, 30, "the dataset to be deleted everywhere")
+    wait_until(lambda: dataset_gone(cluster, "photos"), 30, "the dataset to be deleted")
     assert all(LABEL not in labels for labels in node_labels(cluster).values())
     for node in nodes:
         assert not (cluster.cache_dir(node) / "datasets" / "photos").exists()

@@ -7,11 +7,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from datacache.localcluster import LocalCluster, wait_until
 from tests.fakekube import FakeKubeAPI
-from tests.test_e2e import create, ready_nodes, start, upload_dataset
+from tests.test_e2e import create, dataset_gone, ready_nodes, start, upload_dataset
 
 LABEL = "dataset.datacache.io/photos"
 OWNED = "datacache.io/owned-labels"
@@ -80,14 +78,7 @@ def test_node_objects_are_labelled_and_cleaned(
             pb.DeleteDatasetRequest(name="photos"), timeout=10
         )
 
-    def gone() -> bool:
-        try:
-            cluster.get_dataset("photos")
-        except grpc.RpcError as exc:
-            return exc.code() == grpc.StatusCode.NOT_FOUND
-        return False
-
-    wait_until(gone, 30, "the dataset to be deleted everywhere")
+    wait_until(lambda: dataset_gone(cluster, "photos"), 30, "the dataset to be deleted")
     assert labelled(fake) == set()
     for node in NODES:
         assert labels_of(fake, node) == {"team": "ml", "topology.kubernetes.io/zone": "zone-a"}

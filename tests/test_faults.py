@@ -35,6 +35,7 @@ from agent.sources.s3 import S3ObjectSource, S3Settings
 from datacache.localcluster import DEMO_CREDENTIALS, LocalCluster, wait_until
 from datacache.localcluster import s3_client as admin_client
 from datacache.validation import S3Source, parse_source
+from tests.conftest import mounted_tmpfs
 from tests.faultproxy import Fault, FaultProxy, Request, Rule
 
 MiB = 1 << 20
@@ -528,25 +529,8 @@ def test_stall_beyond_the_read_timeout_is_read_again(
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """An 8 MiB tmpfs: writes beyond it fail with a real ENOSPC."""
-    mountpoint = tmp_path / "tmpfs"
-    mountpoint.mkdir()
-    try:
-        mounted = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mountpoint)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    except FileNotFoundError:
-        pytest.skip("no mount command: the disk-full test needs to mount a small tmpfs")
-    if mounted.returncode != 0:
-        pytest.skip(
-            f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {mounted.stderr.strip()}"
-        )
-    try:
+    with mounted_tmpfs(tmp_path / "tmpfs", "8m") as mountpoint:
         yield mountpoint
-    finally:
-        subprocess.run(["umount", str(mountpoint)], check=True, timeout=30)
 
 
 def test_disk_full_fails_cleanly(s3_server: LocalCluster, bucket: str, small_tmpfs: Path) -> None:
