@@ -41,6 +41,11 @@ def crc64(data: bytes, previous: int = 0) -> int:
     return crc
 
 
+def crc(algorithm: str, data: bytes, previous: int = 0) -> int:
+    crc_of, _ = _ALGORITHMS[algorithm]
+    return crc_of(data, previous)
+
+
 def combine(algorithm: str, ranges: list[tuple[int, int]]) -> int:
     """Combines (crc, length) of consecutive ranges into the CRC of their concatenation."""
     _, join = _ALGORITHMS[algorithm]

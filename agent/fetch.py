@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent import checksums, metrics
+from agent.checksums import ObjectChecksum
 from agent.errors import (
     AgentError,
     DiskFull,
@@ -175,6 +176,10 @@ class _FileJob:
         self.remaining = units
         self.ranges: dict[int, tuple[int, int]] = {}
         """offset -> (crc64 of the range, length)."""
+        self.stated_ranges: dict[int, tuple[int, int]] = {}
+        """offset -> (CRC of the range in the algorithm of `stated`, length)."""
+        self.stated: ObjectChecksum | None = None
+        self.stated_known = False
         self.lock = threading.Lock()
         self._root_fd = root_fd
         self._fd = -1
@@ -196,12 +201,31 @@ class _FileJob:
                 os.ftruncate(self._fd, self.obj.size)
             return self._fd
 
-    def range_done(self, offset: int, crc: int, length: int) -> bool:
+    def stated_checksum(self, source: Source) -> ObjectChecksum | None:
+        """The source's checksum of the object, asked once (one HEAD for S3) by the first
+        range, so every range can compute its part of it while the bytes arrive."""
+        with self.lock:
+            if not self.stated_known:
+                if isinstance(source, ChecksummedSource):
+                    self.stated = source.checksum(self.obj)
+                self.stated_known = True
+            return self.stated
+
+    def range_done(self, offset: int, crc: int, length: int, stated_crc: int | None) -> bool:
         """Records a finished range; True for the last one."""
         with self.lock:
             self.ranges[offset] = (crc, length)
+            if stated_crc is not None:
+                self.stated_ranges[offset] = (stated_crc, length)
             self.remaining -= 1
             return self.remaining == 0
+
+    def stated_crc(self) -> int | None:
+        """The combined CRC of the ranges in the stated algorithm, when every range has one."""
+        if self.stated is None or len(self.stated_ranges) != len(self.ranges):
+            return None
+        ordered = [self.stated_ranges[o] for o in sorted(self.stated_ranges)]
+        return checksums.combine(self.stated.algorithm, ordered)
 
     def crc64(self) -> int:
         return checksums.combine("crc64nvme", [self.ranges[o] for o in sorted(self.ranges)])
@@ -262,14 +286,19 @@ class _Engine:
             f"{what}: giving up after {self.settings.attempts} attempts: {last}"
         ) from last
 
-    def _write(self, fd: int, obj: ObjectInfo, offset: int, length: int) -> int:
-        """Copies one range into the file; returns its CRC64."""
-        crc, pos = 0, offset
+    def _write(
+        self, fd: int, obj: ObjectInfo, offset: int, length: int, also: str | None = None
+    ) -> tuple[int, int | None]:
+        """Copies one range into the file; returns its CRC64 and, if `also` names another
+        algorithm, its CRC in that one too."""
+        crc, other, pos = 0, 0, offset
         for chunk in self._read(obj, offset, length):
             os.pwrite(fd, chunk, pos)
             pos += len(chunk)
             crc = checksums.crc64(chunk, crc)
-        return crc
+            if also is not None:
+                other = checksums.crc(also, chunk, other)
+        return crc, (other if also is not None else None)
 
     def whole_file(self, job: _FileJob) -> None:
         for restart in range(_MAX_RESTARTS + 1):
@@ -278,7 +307,7 @@ class _Engine:
             def attempt(obj: ObjectInfo = obj) -> None:
                 fd = job.fd()
                 os.ftruncate(fd, obj.size)
-                crc = self._write(fd, obj, 0, obj.size)
+                crc, _ = self._write(fd, obj, 0, obj.size)
                 job.ranges = {0: (crc, obj.size)}
                 self._verify_and_close(job, keep_open_on_error=True)
 
@@ -300,14 +329,16 @@ class _Engine:
 
     def part(self, job: _FileJob, offset: int, length: int) -> None:
         obj = job.obj
-        crcs: list[int] = []
+        stated = job.stated_checksum(self.source)
+        also = stated.algorithm if stated and stated.algorithm != "crc64nvme" else None
+        crcs: list[tuple[int, int | None]] = []
 
         def attempt() -> None:
-            crcs[:] = [self._write(job.fd(), obj, offset, length)]
+            crcs[:] = [self._write(job.fd(), obj, offset, length, also)]
 
         self._with_retries(f"reading {obj.key!r} bytes {offset}+{length}", attempt)
         self.progress.add(nbytes=length)
-        if job.range_done(offset, crcs[0], length):
+        if job.range_done(offset, crcs[0][0], length, crcs[0][1]):
             # Which range was wrong cannot be told from a whole-file checksum: a mismatch fails
             # the copy, and the dataset is fetched again.
             try:
@@ -323,7 +354,7 @@ class _Engine:
             if os.fstat(fd).st_size != obj.size:
                 raise VerificationError(f"{obj.key!r}: size on disk differs from the source")
             crc = job.crc64()
-            method = self.verify(job.planned, obj, fd, crc)
+            method = self.verify(job, fd, crc)
             if self.settings.fsync:
                 os.fsync(fd)
         except VerificationError:
@@ -348,16 +379,25 @@ class _Engine:
             self.journal.record(entry)
         self.progress.add(files=1)
 
-    def verify(self, planned: PlannedFile, obj: ObjectInfo, fd: int, crc: int) -> str:
+    def verify(self, job: _FileJob, fd: int, crc: int) -> str:
         """Checks the written bytes with the strongest evidence available; returns the method
         used or raises VerificationError."""
-        stated = self.source.checksum(obj) if isinstance(self.source, ChecksummedSource) else None
-        if stated is not None:
-            actual = (
-                crc
-                if stated.algorithm == "crc64nvme"
-                else checksums.file_crc(fd, obj.size, stated.algorithm)
+        planned, obj = job.planned, job.obj
+        if job.stated_known:
+            stated = job.stated  # asked by the first range of a ranged file
+        else:
+            stated = (
+                self.source.checksum(obj) if isinstance(self.source, ChecksummedSource) else None
             )
+        if stated is not None:
+            combined = job.stated_crc()
+            if stated.algorithm == "crc64nvme":
+                actual = crc
+            elif combined is not None:
+                actual = combined
+            else:
+                # A whole-object read learns the algorithm only from the response: read back.
+                actual = checksums.file_crc(fd, obj.size, stated.algorithm)
             if actual != stated.value:
                 raise VerificationError(
                     f"{obj.key!r}: {stated.algorithm} of the copy ({actual:x}) differs from "
