@@ -87,7 +87,12 @@ def query(port: int, expr: str) -> dict[str, Any]:
         with urllib.request.urlopen(url, timeout=10) as response:
             body: dict[str, Any] = json.loads(response.read())
     except urllib.error.HTTPError as exc:
-        body = json.loads(exc.read())
+        raw = exc.read()
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            # Still starting up (e.g. 503 "Service Unavailable" in plain text): not ready yet.
+            raise OSError(f"Prometheus answered {exc.code}: {raw[:100]!r}") from exc
     return body
 
 
