@@ -4,6 +4,7 @@ real sockets. Labels in local mode (the coordinator's store)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import subprocess
 from pathlib import Path
@@ -14,7 +15,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from datacache.localcluster import LocalCluster, s3_client, wait_until
+from datacache.localcluster import DEMO_CREDENTIALS, LocalCluster, s3_client, wait_until
 from datacache.v1 import datacache_pb2 as pb
 from datacache.v1 import datacache_pb2_grpc as pb_grpc
 
@@ -149,6 +150,18 @@ def test_dataset_is_replicated_labelled_and_deleted(cluster: LocalCluster) -> No
     assert all(LABEL not in labels for labels in node_labels(cluster).values())
     for node in nodes:
         assert not (cluster.cache_dir(node) / "datasets" / "photos").exists()
+    # Every line every process logged is one JSON object, and no credential ever appears.
+    secret = DEMO_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]
+    for log in cluster.workdir.glob("*.log"):
+        text = log.read_text()
+        assert secret not in text, log
+        if log.name.startswith(("agent-", "coordinator")):
+            records = [json.loads(line) for line in text.splitlines()]
+            assert records and all({"ts", "level", "msg"} <= r.keys() for r in records), log
+            if log.name.startswith("agent-"):
+                assert all(r["node"] == log.stem.removeprefix("agent-") for r in records), log
+                if log.stem.removeprefix("agent-") in holders:
+                    assert any(r.get("dataset") == "photos" for r in records), log
 
 
 def test_agent_restart_keeps_verified_copy(cluster: LocalCluster) -> None:
