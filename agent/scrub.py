@@ -20,10 +20,11 @@ import time
 from pathlib import Path
 
 from agent import checksums, metrics
-from agent.errors import FetchCancelled, SourceChanged, VerificationError
+from agent.errors import FetchCancelled, SourceChanged, SourceError, VerificationError
 from agent.fetch import FetchSettings, PlannedFile, Progress, fetch_into
 from agent.manifest import FileEntry, Manifest
-from agent.sources import Source
+from agent.sources import ObjectInfo, Source
+from agent.sources.base import ChecksummedSource
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,16 @@ def quarantine(root: Path, dataset: str, version_dir: Path, entry: FileEntry) ->
     return target
 
 
+def _current(source: Source, key: str) -> ObjectInfo | None:
+    """The object's metadata now: one request where the source can stat a single object."""
+    if isinstance(source, ChecksummedSource):
+        try:
+            return source.stat(key)
+        except SourceError:
+            return None
+    return next((obj for obj in source.list() if obj.key == key), None)
+
+
 def repair(
     source: Source,
     version_dir: Path,
@@ -106,10 +117,9 @@ def repair(
 ) -> None:
     """Copies the corrupt files again and renames them into the version. Raises SourceChanged
     when the source no longer holds the exact objects of this version."""
-    listed = {obj.key: obj for obj in source.list()}
     planned = []
     for entry in corrupt:
-        obj = listed.get(entry.path)
+        obj = _current(source, entry.path)
         if obj is None or (obj.size, obj.etag) != (entry.size, entry.etag):
             raise SourceChanged(f"{entry.path!r} changed at the source since this version")
         planned.append(PlannedFile(obj, tuple(entry.path.split("/"))))

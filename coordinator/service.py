@@ -140,9 +140,19 @@ class DatasetService(pb_grpc.DatasetServiceServicer):
         self._reconciler = reconciler
         self._settings = settings
 
-    def _to_pb(self, record: DatasetRecord) -> pb.Dataset:
-        assigned = self._store.assignments().get(record.name, frozenset())
-        live = self._reconciler.live_nodes()
+    def _to_pb(
+        self,
+        record: DatasetRecord,
+        assignments: dict[str, frozenset[str]] | None = None,
+        live: set[str] | None = None,
+    ) -> pb.Dataset:
+        """The API view of a dataset. A list passes `assignments` and `live` read once for the
+        whole page instead of once per dataset."""
+        if assignments is None:
+            assignments = self._store.assignments()
+        if live is None:
+            live = self._reconciler.live_nodes()
+        assigned = assignments.get(record.name, frozenset())
         reports = [r for r in self._store.reports(record.name) if r.node_name in live]
         rows = replica_view(assigned, reports)
         return pb.Dataset(
@@ -190,8 +200,9 @@ class DatasetService(pb_grpc.DatasetServiceServicer):
         records = self._store.list_datasets(after=after, limit=size + 1)
         more = len(records) > size
         records = records[:size]
+        assignments, live = self._store.assignments(), self._reconciler.live_nodes()
         return pb.ListDatasetsResponse(
-            datasets=[self._to_pb(r) for r in records],
+            datasets=[self._to_pb(r, assignments, live) for r in records],
             next_page_token=records[-1].name if more else "",
         )
 

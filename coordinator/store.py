@@ -1,8 +1,9 @@
 """SQLite persistence for datasets, agents, assignments, replica reports and local labels.
 
-Everything here is small and rebuildable from agents' reports; SQLite in WAL mode with
-`synchronous=FULL` keeps it across restarts. All statements run on the event-loop thread: they
-are sub-millisecond, and one connection keeps transactions simple.
+Dataset definitions exist only here (back the file with a persistent volume); agents,
+assignments and replica states are rebuilt from agents' registrations and reports. SQLite in
+WAL mode with `synchronous=FULL` keeps it all across restarts. All statements run on the
+event-loop thread: they are sub-millisecond, and one connection keeps transactions simple.
 """
 
 from __future__ import annotations
