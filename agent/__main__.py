@@ -30,7 +30,7 @@ from agent.sources.nfs import NfsSettings
 from agent.sources.s3 import S3Settings
 from agent.store import CacheStore
 from datacache import __version__, logs
-from datacache.validation import InvalidInput, parse_source, validate_dataset_name
+from datacache.validation import InvalidInput, parse_source, validate_node_name
 
 _FETCH = FetchSettings()
 F = TypeVar("F", bound=Callable[..., Any])
@@ -130,9 +130,9 @@ def _nfs_settings(kwargs: dict[str, Any]) -> NfsSettings:
 
 def _node_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
     try:
-        return validate_dataset_name(value)
+        return validate_node_name(value)
     except InvalidInput as exc:
-        raise click.BadParameter(str(exc).replace("dataset name", "node name")) from exc
+        raise click.BadParameter(str(exc)) from exc
 
 
 @click.group(context_settings={"show_default": True})

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from agent.errors import StoreError
 from agent.manifest import Manifest
-from datacache.validation import InvalidInput, validate_dataset_name
+from datacache.validation import InvalidInput, split_dataset_name, validate_dataset_name
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,13 @@ class Usage:
     free_bytes: int
 
 
+def _flat(name: str) -> str:
+    """A canonical dataset name as one path component: namespaces contain no dots, so
+    "<namespace>.<name>" is unambiguous."""
+    namespace, short = split_dataset_name(name)
+    return f"{namespace}.{short}"
+
+
 class CacheStore:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -86,7 +93,8 @@ class CacheStore:
             return cache_id
 
     def dataset_dir(self, name: str) -> Path:
-        return self.datasets / validate_dataset_name(name)
+        namespace, short = split_dataset_name(name)
+        return self.datasets / namespace / short
 
     def current_path(self, name: str) -> Path:
         """Where pods read the dataset's current version."""
@@ -96,22 +104,35 @@ class CacheStore:
         """Returns every published dataset with its manifest, removing unpublished leftovers.
         Staging copies are kept for resuming (see `prune_staging`)."""
         found: dict[str, Manifest] = {}
-        for entry in sorted(self.datasets.iterdir()):
-            try:
-                validate_dataset_name(entry.name)
-            except InvalidInput:
-                log.warning("Ignoring unexpected entry %s in the cache", entry)
-                continue
-            manifest = self._load_current(entry)
+        for entry in self._dataset_dirs():
+            name = f"{entry.parent.name}/{entry.name}"
+            manifest = self._load_current(entry, name)
             if manifest is None:
-                log.warning("Removing unpublished copy", extra={"dataset": entry.name})
-                self.delete(entry.name)
+                log.warning("Removing unpublished copy", extra={"dataset": name})
+                self.delete(name)
             else:
-                found[entry.name] = manifest
+                found[name] = manifest
                 self._remove_other_versions(entry, manifest.version)
         return found
 
-    def _load_current(self, directory: Path) -> Manifest | None:
+    def _dataset_dirs(self) -> list[Path]:
+        """datasets/<namespace>/<name> directories, skipping (and logging) anything else."""
+        out = []
+        for namespace in sorted(self.datasets.iterdir()):
+            if not namespace.is_dir() or namespace.is_symlink():
+                log.warning("Ignoring unexpected entry %s in the cache", namespace)
+                continue
+            for entry in sorted(namespace.iterdir()):
+                try:
+                    validate_dataset_name(f"{namespace.name}/{entry.name}")
+                except InvalidInput:
+                    log.warning("Ignoring unexpected entry %s in the cache", entry)
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    out.append(entry)
+        return out
+
+    def _load_current(self, directory: Path, name: str) -> Manifest | None:
         current = directory / CURRENT
         try:
             version = os.readlink(current)
@@ -122,9 +143,9 @@ class CacheStore:
         try:
             manifest = Manifest.from_json((directory / f"{version}.json").read_text())
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("Manifest unreadable: %s", exc, extra={"dataset": directory.name})
+            log.warning("Manifest unreadable: %s", exc, extra={"dataset": name})
             return None
-        if manifest.version != version or manifest.dataset != directory.name:
+        if manifest.version != version or manifest.dataset != name:
             return None
         if not (directory / version).is_dir():
             return None
@@ -134,20 +155,21 @@ class CacheStore:
         """The staging directory and resume journal of copying `source` into dataset `name`:
         the same on every attempt, so an interrupted copy resumes where it stopped."""
         tag = hashlib.sha256(source.encode()).hexdigest()[:12]
-        path = self.staging / f"{validate_dataset_name(name)}.{tag}"
+        path = self.staging / f"{_flat(name)}.{tag}"
         path.mkdir(exist_ok=True)
         return path, self.staging / f"{path.name}.journal"
 
     def discard_staging(self, name: str) -> None:
         for leftover in self.staging.iterdir():
-            # Staging names are "<dataset>.<tag>[.journal]" and dataset names may contain dots.
-            if leftover.name.removesuffix(".journal").rsplit(".", 1)[0] == name:
+            # Staging names are "<namespace>.<name>.<tag>[.journal]"; names may contain dots.
+            if leftover.name.removesuffix(".journal").rsplit(".", 1)[0] == _flat(name):
                 _remove(leftover)
 
     def prune_staging(self, keep: set[str]) -> None:
         """Removes staging copies of datasets not in `keep` (no longer desired)."""
+        flat_keep = {_flat(name) for name in keep}
         for leftover in self.staging.iterdir():
-            if leftover.name.removesuffix(".journal").rsplit(".", 1)[0] not in keep:
+            if leftover.name.removesuffix(".journal").rsplit(".", 1)[0] not in flat_keep:
                 _remove(leftover)
 
     def publish(self, staged: Path, manifest: Manifest) -> Path:
@@ -155,8 +177,11 @@ class CacheStore:
         version of its dataset. Returns the path pods read."""
         directory = self.dataset_dir(manifest.dataset)
         try:
+            if not directory.parent.exists():
+                directory.parent.mkdir()
+                _fsync_dir(self.datasets)
             directory.mkdir(exist_ok=True)
-            _fsync_dir(self.datasets)
+            _fsync_dir(directory.parent)
             target = directory / manifest.version
             if target.exists():
                 # Same content already published (a re-fetch of an unchanged source).

@@ -1,10 +1,11 @@
 """The node label scheme and label diffing: pure functions, no I/O.
 
-A node holding a Ready, verified replica of dataset NAME carries the label
+A node holding a Ready, verified replica of dataset NAMESPACE/NAME carries the label
 
-    dataset.datacache.io/<NAME>: ready
+    dataset.datacache.io/<NAMESPACE>.<NAME>: ready
 
-The name part of a label key is at most 63 characters; longer dataset names are cut to 54
+Namespaces contain no dots, so the first dot separates the two. The name part of a label key
+is at most 63 characters; longer ones are cut to 54
 characters and given a '-' and 8 hex digits of the SHA-256 of the full name, so keys stay
 unique and deterministic. Every key under `dataset.datacache.io/` belongs to datacache, and
 the annotation `datacache.io/owned-labels` lists the keys datacache set on a node, so removal
@@ -17,6 +18,8 @@ import hashlib
 from collections.abc import Mapping, Set
 from typing import Any
 
+from datacache.validation import split_dataset_name
+
 LABEL_PREFIX = "dataset.datacache.io"
 OWNED_LABELS_ANNOTATION = "datacache.io/owned-labels"
 READY_VALUE = "ready"
@@ -25,11 +28,13 @@ _HASH_DIGITS = 8
 
 
 def label_key(dataset: str) -> str:
-    """The node label key for a dataset name (already validated as a DNS-1123 subdomain)."""
-    if len(dataset) <= _MAX_NAME_PART:
-        return f"{LABEL_PREFIX}/{dataset}"
-    digest = hashlib.sha256(dataset.encode()).hexdigest()[:_HASH_DIGITS]
-    head = dataset[: _MAX_NAME_PART - _HASH_DIGITS - 1].rstrip("-.")
+    """The node label key for a canonical dataset name ("<namespace>/<name>")."""
+    namespace, short = split_dataset_name(dataset)
+    flat = f"{namespace}.{short}"
+    if len(flat) <= _MAX_NAME_PART:
+        return f"{LABEL_PREFIX}/{flat}"
+    digest = hashlib.sha256(flat.encode()).hexdigest()[:_HASH_DIGITS]
+    head = flat[: _MAX_NAME_PART - _HASH_DIGITS - 1].rstrip("-.")
     return f"{LABEL_PREFIX}/{head}-{digest}"
 
 

@@ -32,6 +32,7 @@ from datacache.validation import (
     InvalidInput,
     parse_source,
     validate_dataset_name,
+    validate_node_name,
     validate_replicas,
 )
 
@@ -210,8 +211,13 @@ class DatasetService(pb_grpc.DatasetServiceServicer):
     async def UpdateDataset(
         self, request: pb.UpdateDatasetRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.UpdateDatasetResponse:
-        name = validate_dataset_name(request.name)
-        record = self._store.update_replicas(name, validate_replicas(request.replicas))
+        name = validate_dataset_name(request.dataset.name)
+        paths = set(request.update_mask.paths)
+        if paths != {"replicas"}:
+            raise InvalidArgument(
+                f"update_mask {sorted(paths)} is not supported: give exactly ['replicas']"
+            )
+        record = self._store.update_replicas(name, validate_replicas(request.dataset.replicas))
         log.info("Dataset scaled to %d replicas", record.replicas, extra={"dataset": name})
         self._reconciler.trigger()
         return pb.UpdateDatasetResponse(dataset=self._to_pb(record))
@@ -240,6 +246,18 @@ class DatasetService(pb_grpc.DatasetServiceServicer):
         log.info("Dataset marked for deletion", extra={"dataset": name})
         self._reconciler.trigger()
         return pb.DeleteDatasetResponse()
+
+    async def RefreshDataset(
+        self, request: pb.RefreshDatasetRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RefreshDatasetResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "RefreshDataset is not available yet")
+        raise AssertionError("abort raises")
+
+    async def WatchDatasets(
+        self, request: pb.WatchDatasetsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.WatchDatasetsResponse]:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "WatchDatasets is not available yet")
+        yield pb.WatchDatasetsResponse()
 
 
 class NodeService(pb_grpc.NodeServiceServicer):
@@ -272,9 +290,8 @@ class NodeService(pb_grpc.NodeServiceServicer):
 
 
 def _validate_identity(identity: pb.AgentIdentity) -> tuple[str, str]:
-    # Node names follow the same DNS-1123 subdomain rule as dataset names.
     try:
-        node = validate_dataset_name(identity.node_name)
+        node = validate_node_name(identity.node_name)
     except InvalidInput as exc:
         raise InvalidArgument(f"agent node_name: {exc}") from exc
     cache_id = identity.cache_id
@@ -408,3 +425,19 @@ class AgentService(pb_grpc.AgentServiceServicer):
         if not was_live or {(r.dataset, r.state, r.digest) for r in reports} != previous:
             self._reconciler.trigger()
         return pb.ReportStateResponse()
+
+    async def PublishVersion(
+        self,
+        request_iterator: AsyncIterator[pb.PublishVersionRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> pb.PublishVersionResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "PublishVersion is not available yet")
+        raise AssertionError("abort raises")
+
+    async def GetVersionManifest(
+        self, request: pb.GetVersionManifestRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetVersionManifestResponse:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, "GetVersionManifest is not available yet"
+        )
+        raise AssertionError("abort raises")

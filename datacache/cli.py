@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import click
 import grpc
 import yaml
+from google.protobuf import field_mask_pb2
 from google.protobuf.json_format import MessageToDict
 
 from datacache import __version__
@@ -229,7 +230,10 @@ def dataset_list(client: Client, output: str) -> None:
 @_fail_on_rpc_error
 def dataset_update(client: Client, name: str, replicas: int, output: str) -> None:
     """Change how many nodes hold dataset NAME."""
-    request = pb.UpdateDatasetRequest(name=name, replicas=replicas)
+    request = pb.UpdateDatasetRequest(
+        dataset=pb.Dataset(name=name, replicas=replicas),
+        update_mask=field_mask_pb2.FieldMask(paths=["replicas"]),
+    )
     response = client.call(pb_grpc.DatasetServiceStub, "UpdateDataset", request)
     _output(response.dataset, output, lambda: render_dataset(response.dataset))
 

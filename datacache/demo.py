@@ -108,7 +108,13 @@ def run_demo(node_count: int, replicas: int, workdir: str | None, timeout: float
             say(render_nodes(cluster.list_nodes()))
             say("")
             for replica in dataset.status.replicas:
-                path = cluster.cache_dir(replica.node_name) / "datasets" / DATASET / "current"
+                path = (
+                    cluster.cache_dir(replica.node_name)
+                    / "datasets"
+                    / "default"
+                    / DATASET
+                    / "current"
+                )
                 say(f"{replica.node_name} serves the dataset from {path}")
             if workdir is None:
                 say("\nStopping; the temporary working directory is removed (--workdir keeps it).")

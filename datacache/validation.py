@@ -11,8 +11,12 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 MAX_DATASET_NAME_LENGTH = 253
+MAX_NAMESPACE_LENGTH = 63
+DEFAULT_NAMESPACE = "default"
 # Kubernetes DNS-1123 subdomain: dataset names end up in label keys and CR names.
 _DATASET_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+# Kubernetes DNS-1123 label: namespaces (no dots, so "<namespace>.<name>" is unambiguous).
+_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 # S3 bucket naming rules (virtual-host safe subset): 3-63 lowercase letters, digits, '.', '-'.
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 MAX_REPLICAS = 10_000
@@ -36,6 +40,46 @@ class S3Source:
 
 
 def validate_dataset_name(name: str) -> str:
+    """Checks a dataset reference, "<namespace>/<name>" or "<name>" (namespace "default"), and
+    returns its canonical form "<namespace>/<name>"."""
+    namespace, _, short = name.rpartition("/")
+    if "/" in namespace:
+        raise InvalidInput(
+            f"dataset name {name!r} has more than one '/': write it as <namespace>/<name>"
+        )
+    if name.startswith("/") or (namespace == "" and "/" in name):
+        raise InvalidInput(f"dataset name {name!r} has an empty namespace before '/'")
+    namespace = validate_namespace(namespace) if namespace else DEFAULT_NAMESPACE
+    return f"{namespace}/{_validate_short_name(short)}"
+
+
+def split_dataset_name(name: str) -> tuple[str, str]:
+    """(namespace, name) of a canonical dataset name."""
+    namespace, _, short = validate_dataset_name(name).partition("/")
+    return namespace, short
+
+
+def validate_namespace(namespace: str) -> str:
+    if len(namespace) > MAX_NAMESPACE_LENGTH or not _NAMESPACE.fullmatch(namespace):
+        raise InvalidInput(
+            f"namespace {namespace[:80]!r} is not a DNS-1123 label: use at most "
+            f"{MAX_NAMESPACE_LENGTH} lowercase letters, digits and '-', starting and ending with "
+            "a letter or digit"
+        )
+    return namespace
+
+
+def validate_node_name(name: str) -> str:
+    """Kubernetes node names are DNS-1123 subdomains."""
+    if not name or len(name) > MAX_DATASET_NAME_LENGTH or not _DATASET_NAME.fullmatch(name):
+        raise InvalidInput(
+            f"node name {name[:80]!r} is not a DNS-1123 subdomain: use at most "
+            f"{MAX_DATASET_NAME_LENGTH} lowercase letters, digits, '-' and '.'"
+        )
+    return name
+
+
+def _validate_short_name(name: str) -> str:
     if not name:
         raise InvalidInput("dataset name is empty: use lowercase letters, digits, '-' and '.'")
     if len(name) > MAX_DATASET_NAME_LENGTH:

@@ -19,7 +19,7 @@ from datacache.localcluster import DEMO_CREDENTIALS, LocalCluster, s3_client, wa
 from datacache.v1 import datacache_pb2 as pb
 from datacache.v1 import datacache_pb2_grpc as pb_grpc
 
-LABEL = "dataset.datacache.io/photos"
+LABEL = "dataset.datacache.io/default.photos"
 
 
 def upload_dataset(cluster: LocalCluster, bucket: str, prefix: str) -> dict[str, str]:
@@ -111,7 +111,7 @@ def test_dataset_is_replicated_labelled_and_deleted(cluster: LocalCluster) -> No
         assert replica.files_total == len(expected)
         assert replica.bytes_total == replica.bytes_done > 3 * 1024 * 1024
     for node in nodes:
-        current = cluster.cache_dir(node) / "datasets" / "photos" / "current"
+        current = cluster.cache_dir(node) / "datasets" / "default" / "photos" / "current"
         if node in holders:
             assert tree_digests(current) == expected
         else:
@@ -149,7 +149,7 @@ def test_dataset_is_replicated_labelled_and_deleted(cluster: LocalCluster) -> No
     wait_until(lambda: dataset_gone(cluster, "photos"), 30, "the dataset to be deleted")
     assert all(LABEL not in labels for labels in node_labels(cluster).values())
     for node in nodes:
-        assert not (cluster.cache_dir(node) / "datasets" / "photos").exists()
+        assert not (cluster.cache_dir(node) / "datasets" / "default" / "photos").exists()
     # Every line every process logged is one JSON object, and no credential ever appears.
     secret = DEMO_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]
     for log in cluster.workdir.glob("*.log"):
@@ -161,7 +161,7 @@ def test_dataset_is_replicated_labelled_and_deleted(cluster: LocalCluster) -> No
             if log.name.startswith("agent-"):
                 assert all(r["node"] == log.stem.removeprefix("agent-") for r in records), log
                 if log.stem.removeprefix("agent-") in holders:
-                    assert any(r.get("dataset") == "photos" for r in records), log
+                    assert any(r.get("dataset") == "default/photos" for r in records), log
 
 
 def test_agent_restart_keeps_verified_copy(cluster: LocalCluster) -> None:
@@ -169,7 +169,9 @@ def test_agent_restart_keeps_verified_copy(cluster: LocalCluster) -> None:
     start(cluster, 1)
     create(cluster, "restart", "s3://e2e-restart/data/", replicas=1)
     wait_until(lambda: ready_nodes(cluster, "restart") == {"node-1"}, 60, "Ready replica")
-    version_dir = (cluster.cache_dir("node-1") / "datasets" / "restart" / "current").resolve()
+    version_dir = (
+        cluster.cache_dir("node-1") / "datasets" / "default" / "restart" / "current"
+    ).resolve()
     mtime = version_dir.stat().st_mtime_ns
 
     cluster.agents["node-1"].kill()
@@ -181,7 +183,7 @@ def test_agent_restart_keeps_verified_copy(cluster: LocalCluster) -> None:
     # The published version was recovered from disk, not fetched again.
     assert version_dir.stat().st_mtime_ns == mtime
     assert (
-        cluster.cache_dir("node-1") / "datasets" / "restart" / "current"
+        cluster.cache_dir("node-1") / "datasets" / "default" / "restart" / "current"
     ).resolve() == version_dir
 
 
@@ -259,7 +261,7 @@ def test_agent_killed_mid_copy_resumes_and_never_exposes_partial_data(
     cluster.agents["node-1"].kill()
     done_before_kill = journalled()
     assert done_before_kill < len(contents), "the copy finished before it could be interrupted"
-    dataset_dir = cluster.cache_dir("node-1") / "datasets" / "killed"
+    dataset_dir = cluster.cache_dir("node-1") / "datasets" / "default" / "killed"
     assert not (dataset_dir / "current").exists()
     assert ready_nodes(cluster, "killed") == set()
 
@@ -281,14 +283,14 @@ def test_scrub_quarantines_and_repairs_bit_rot(cluster: LocalCluster) -> None:
     start(cluster, 1, "--scrub-interval-seconds=1")
     create(cluster, "rot", "s3://e2e-rot/data/", replicas=1)
     wait_until(lambda: ready_nodes(cluster, "rot") == {"node-1"}, 60, "Ready replica")
-    current = cluster.cache_dir("node-1") / "datasets" / "rot" / "current"
+    current = cluster.cache_dir("node-1") / "datasets" / "default" / "rot" / "current"
     victim = current / "big" / "blob.bin"
     with victim.open("r+b") as f:
         f.seek(1_000_000)
         byte = f.read(1)
         f.seek(1_000_000)
         f.write(bytes([byte[0] ^ 0x01]))
-    quarantine = cluster.cache_dir("node-1") / "quarantine" / "rot"
+    quarantine = cluster.cache_dir("node-1") / "quarantine" / "default" / "rot"
 
     wait_until(
         lambda: any(quarantine.rglob("blob.bin.*")), 30, "the corrupt file to be quarantined"
@@ -324,9 +326,12 @@ def test_scale_affinity_and_lease_expiry(cluster: LocalCluster) -> None:
     snippets = yaml.safe_load(cli(cluster, "dataset", "affinity", "scale"))
     terms = snippets["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert terms["nodeSelectorTerms"][0]["matchExpressions"] == [
-        {"key": "dataset.datacache.io/scale", "operator": "In", "values": ["ready"]}
+        {"key": "dataset.datacache.io/default.scale", "operator": "In", "values": ["ready"]}
     ]
-    assert snippets["volumes"][0]["hostPath"]["path"] == "/var/lib/datacache/datasets/scale/current"
+    assert (
+        snippets["volumes"][0]["hostPath"]["path"]
+        == "/var/lib/datacache/datasets/default/scale/current"
+    )
     assert set(snippets["readyNodes"]) == ready_nodes(cluster, "scale")
 
     # A node whose agent stops reporting loses its replica and label once the lease expires;
@@ -340,8 +345,8 @@ def test_scale_affinity_and_lease_expiry(cluster: LocalCluster) -> None:
         "re-replication after lease expiry",
     )
     labels = node_labels(cluster)
-    assert "dataset.datacache.io/scale" not in labels.get(lost, {})
-    assert all(labels[n]["dataset.datacache.io/scale"] == "ready" for n in spare)
+    assert "dataset.datacache.io/default.scale" not in labels.get(lost, {})
+    assert all(labels[n]["dataset.datacache.io/default.scale"] == "ready" for n in spare)
 
     cli(cluster, "dataset", "update", "scale", "--replicas", "1")
     wait_until(lambda: len(ready_nodes(cluster, "scale")) == 1, 60, "scale down to 1")
@@ -349,7 +354,7 @@ def test_scale_affinity_and_lease_expiry(cluster: LocalCluster) -> None:
     wait_until(
         lambda: (
             sum(
-                (cluster.cache_dir(n) / "datasets" / "scale").exists()
+                (cluster.cache_dir(n) / "datasets" / "default" / "scale").exists()
                 for n in ("node-1", "node-2", "node-3")
                 if n != lost
             )
@@ -358,4 +363,4 @@ def test_scale_affinity_and_lease_expiry(cluster: LocalCluster) -> None:
         30,
         "the extra copy to be deleted",
     )
-    assert (cluster.cache_dir(kept) / "datasets" / "scale" / "current").exists()
+    assert (cluster.cache_dir(kept) / "datasets" / "default" / "scale" / "current").exists()

@@ -11,7 +11,7 @@ from datacache.localcluster import LocalCluster, wait_until
 from tests.fakekube import FakeKubeAPI
 from tests.test_e2e import create, dataset_gone, ready_nodes, start, upload_dataset
 
-LABEL = "dataset.datacache.io/photos"
+LABEL = "dataset.datacache.io/default.photos"
 OWNED = "datacache.io/owned-labels"
 NODES = ["node-1", "node-2", "node-3"]
 
@@ -82,4 +82,4 @@ def test_node_objects_are_labelled_and_cleaned(
     assert labelled(fake) == set()
     for node in NODES:
         assert labels_of(fake, node) == {"team": "ml", "topology.kubernetes.io/zone": "zone-a"}
-        assert not (cluster.cache_dir(node) / "datasets" / "photos").exists()
+        assert not (cluster.cache_dir(node) / "datasets" / "default" / "photos").exists()

@@ -21,16 +21,17 @@ dataset_names = st.from_regex(r"[a-z0-9]([-a-z0-9.]{0,250}[a-z0-9])?", fullmatch
 
 @given(dataset_names)
 def test_label_keys_are_valid_kubernetes_keys(name: str) -> None:
-    key = label_key(name)
+    key = label_key(f"team-{len(name) % 7}/{name}")
     prefix, _, part = key.partition("/")
     assert prefix == LABEL_PREFIX
     assert len(part) <= 63
     assert _NAME_PART.fullmatch(part), part
-    assert label_key(name) == key
+    assert label_key(f"team-{len(name) % 7}/{name}") == key
 
 
 def test_short_names_are_kept_long_names_hashed() -> None:
-    assert label_key("imagenet") == f"{LABEL_PREFIX}/imagenet"
+    assert label_key("default/imagenet") == f"{LABEL_PREFIX}/default.imagenet"
+    assert label_key("ml/imagenet") != label_key("ml.imagenet")
     long_a, long_b = "a" * 70, "a" * 69 + "b"
     assert label_key(long_a) != label_key(long_b)
     assert len(label_key(long_a).split("/")[1]) == 63

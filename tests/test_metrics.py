@@ -84,14 +84,21 @@ def test_live_endpoints_report_the_copy(cluster: LocalCluster) -> None:
     def coordinator_counted() -> bool:
         text = scrape(cluster.coordinator_metrics_port)
         return (
-            sample(text, "datacache_coordinator_replicas", dataset="measured", state="Ready") == 2
+            sample(
+                text, "datacache_coordinator_replicas", dataset="default/measured", state="Ready"
+            )
+            == 2
         )
 
     wait_until(coordinator_counted, 20, "the coordinator's replica gauges")
     coordinator_text = scrape(cluster.coordinator_metrics_port)
     assert families(coordinator_text).items() >= COORDINATOR_METRICS.items()
     assert (
-        sample(coordinator_text, "datacache_coordinator_fetched_bytes_total", dataset="measured")
+        sample(
+            coordinator_text,
+            "datacache_coordinator_fetched_bytes_total",
+            dataset="default/measured",
+        )
         == 2 * total
     )
     assert sample(coordinator_text, "datacache_coordinator_agents", connected="true") == 2
@@ -108,7 +115,7 @@ def test_live_endpoints_report_the_copy(cluster: LocalCluster) -> None:
         text = scrape(port)
         assert families(text).items() >= AGENT_METRICS.items()
         fetched = sample(
-            text, "datacache_agent_fetched_bytes_total", source="s3", dataset="measured"
+            text, "datacache_agent_fetched_bytes_total", source="s3", dataset="default/measured"
         )
         assert fetched == total, node
         assert sample(text, "datacache_agent_verified_files_total", method="crc32") == len(expected)

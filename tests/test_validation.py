@@ -8,14 +8,23 @@ from datacache.validation import (
     NfsSource,
     S3Source,
     parse_source,
+    split_dataset_name,
     validate_dataset_name,
+    validate_node_name,
     validate_replicas,
 )
 
 
 @pytest.mark.parametrize("name", ["a", "imagenet-2012", "team.cifar10", "x" * 253, "0abc"])
-def test_valid_dataset_names(name: str) -> None:
+def test_names_without_namespace_are_in_default(name: str) -> None:
+    assert validate_dataset_name(name) == f"default/{name}"
+    assert split_dataset_name(name) == ("default", name)
+
+
+@pytest.mark.parametrize("name", ["team-a/imagenet", "x" * 63 + "/" + "y" * 253, "0/a.b"])
+def test_canonical_names_are_kept(name: str) -> None:
     assert validate_dataset_name(name) == name
+    assert "/".join(split_dataset_name(name)) == name
 
 
 @pytest.mark.parametrize(
@@ -26,7 +35,11 @@ def test_valid_dataset_names(name: str) -> None:
         ("-lead", "DNS-1123"),
         ("trail-", "DNS-1123"),
         ("a..b", "DNS-1123"),
-        ("a/b", "DNS-1123"),
+        ("a/b/c", "more than one '/'"),
+        ("/b", "empty namespace"),
+        ("a.b/c", "namespace 'a.b' is not a DNS-1123 label"),
+        ("x" * 64 + "/c", "DNS-1123 label"),
+        ("a/", "empty"),
         ("a_b", "DNS-1123"),
         ("x" * 254, "254 characters"),
         ("naïve", "DNS-1123"),
@@ -95,3 +108,9 @@ def test_parse_file_and_nfs_sources() -> None:
     assert nfs == NfsSource("filer.local", 2049, "/export/sets/imagenet/")
     assert parse_source(nfs.uri) == nfs
     assert parse_source("nfs://10.0.0.5/export/") == NfsSource("10.0.0.5", None, "/export/")
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "Node1", "x" * 254, "-a"])
+def test_invalid_node_names(name: str) -> None:
+    with pytest.raises(InvalidInput, match="node name"):
+        validate_node_name(name)

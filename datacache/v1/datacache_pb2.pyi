@@ -13,7 +13,9 @@ Two services share these types:
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -68,28 +70,124 @@ REPLICA_STATE_EVICTING: ReplicaState.ValueType  # 5
 Global___ReplicaState: _TypeAlias = ReplicaState  # noqa: Y015
 
 @_typing.final
+class Toleration(_message.Message):
+    """A Kubernetes toleration, matched against node taints exactly as the scheduler does."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    OPERATOR_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    EFFECT_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    operator: _builtins.str
+    """"Equal" (default) or "Exists"."""
+    value: _builtins.str
+    effect: _builtins.str
+    """"NoSchedule", "PreferNoSchedule", "NoExecute", or empty for all effects."""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        operator: _builtins.str = ...,
+        value: _builtins.str = ...,
+        effect: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["effect", b"effect", "key", b"key", "operator", b"operator", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Toleration: _TypeAlias = Toleration  # noqa: Y015
+
+@_typing.final
 class Dataset(_message.Message):
     """A dataset: a named, replicated copy of a source prefix."""
 
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class NodeSelectorEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     NAME_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     REPLICAS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    ALL_NODES_FIELD_NUMBER: _builtins.int
+    NODE_SELECTOR_FIELD_NUMBER: _builtins.int
+    TOLERATIONS_FIELD_NUMBER: _builtins.int
+    PIN_FIELD_NUMBER: _builtins.int
+    CREDENTIALS_SECRET_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    RESOURCE_VERSION_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """DNS-1123 subdomain: lowercase letters, digits, '-' and '.', at most 253 characters,
-    starting and ending with a letter or digit.
+    """"<namespace>/<name>": the namespace is a DNS-1123 label (at most 63 characters), the name a
+    DNS-1123 subdomain (lowercase letters, digits, '-' and '.', at most 253 characters). A name
+    given without a namespace means namespace "default"; responses always carry both.
     """
     source: _builtins.str
-    """Where the data comes from, e.g. "s3://bucket/prefix/"."""
+    """Where the data comes from, e.g. "s3://bucket/prefix/". Changing it starts a new revision."""
     replicas: _builtins.int
-    """How many nodes should hold a Ready copy."""
+    """How many nodes should hold a Ready copy (1-10000). Ignored when all_nodes is set."""
+    all_nodes: _builtins.bool
+    """A copy on every node that matches node_selector and tolerations, including nodes that
+    join later.
+    """
+    pin: _builtins.bool
+    """A pinned dataset is never evicted for room: its last Ready replica always stays."""
+    credentials_secret: _builtins.str
+    """Name of a Secret in the coordinator's namespace with keys AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY and optionally AWS_SESSION_TOKEN, passed to the agents for this
+    dataset's source. Empty: the agents' own credential chain.
+    """
+    revision: _builtins.int
+    """Output only. Bumped by RefreshDataset and by a change of source; each revision is a fresh
+    listing of the source.
+    """
+    resource_version: _builtins.int
+    """Output only. Changes on every change of this dataset's spec or status; WatchDatasets
+    resumes after it.
+    """
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only."""
+
     @_builtins.property
     def status(self) -> Global___DatasetStatus:
+        """Output only."""
+
+    @_builtins.property
+    def node_selector(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Only nodes carrying all these labels hold replicas."""
+
+    @_builtins.property
+    def tolerations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Toleration]:
+        """Tainted nodes hold replicas only when one of these tolerates every NoSchedule and
+        NoExecute taint.
+        """
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
         """Output only."""
 
     def __init__(
@@ -100,10 +198,18 @@ class Dataset(_message.Message):
         replicas: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         status: Global___DatasetStatus | None = ...,
+        all_nodes: _builtins.bool = ...,
+        node_selector: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        tolerations: _abc.Iterable[Global___Toleration] | None = ...,
+        pin: _builtins.bool = ...,
+        credentials_secret: _builtins.str = ...,
+        revision: _builtins.int = ...,
+        resource_version: _builtins.int = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "status", b"status"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "status", b"status", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "name", b"name", "replicas", b"replicas", "source", b"source", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_nodes", b"all_nodes", "create_time", b"create_time", "credentials_secret", b"credentials_secret", "name", b"name", "node_selector", b"node_selector", "pin", b"pin", "replicas", b"replicas", "resource_version", b"resource_version", "revision", b"revision", "source", b"source", "status", b"status", "tolerations", b"tolerations", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -117,7 +223,19 @@ class DatasetStatus(_message.Message):
 
     READY_REPLICAS_FIELD_NUMBER: _builtins.int
     REPLICAS_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
     ready_replicas: _builtins.int
+    version: _builtins.str
+    """The version of the current revision: the digest of the manifest fixed by the first
+    complete copy; every other replica of the revision must match it byte for byte. Empty
+    until one replica is Ready.
+    """
+    size_bytes: _builtins.int
+    """Total size of the current revision, once known (from the first listing)."""
+    phase: _builtins.str
+    """"Pending", "Replicating", "Ready", "Degraded", "Failed" or "Deleting"."""
     @_builtins.property
     def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___Replica]:
         """One entry per node the dataset is assigned to or still present on, sorted by node name."""
@@ -127,14 +245,61 @@ class DatasetStatus(_message.Message):
         *,
         ready_replicas: _builtins.int = ...,
         replicas: _abc.Iterable[Global___Replica] | None = ...,
+        version: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        phase: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ready_replicas", b"ready_replicas", "replicas", b"replicas"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["phase", b"phase", "ready_replicas", b"ready_replicas", "replicas", b"replicas", "size_bytes", b"size_bytes", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DatasetStatus: _TypeAlias = DatasetStatus  # noqa: Y015
+
+@_typing.final
+class VerificationSummary(_message.Message):
+    """Per-file verification methods of a Ready copy and how many files each covered, e.g.
+    {"crc64nvme": 1998, "md5": 2}. "unverified" counts files checked by size only.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class FilesByMethodEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    FILES_BY_METHOD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def files_by_method(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        files_by_method: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["files_by_method", b"files_by_method"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerificationSummary: _TypeAlias = VerificationSummary  # noqa: Y015
 
 @_typing.final
 class Replica(_message.Message):
@@ -151,6 +316,11 @@ class Replica(_message.Message):
     BYTES_TOTAL_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    BYTES_PER_SECOND_FIELD_NUMBER: _builtins.int
+    VERIFICATION_FIELD_NUMBER: _builtins.int
+    LAST_USED_TIME_FIELD_NUMBER: _builtins.int
+    SERVING_VERSION_FIELD_NUMBER: _builtins.int
     node_name: _builtins.str
     state: Global___ReplicaState.ValueType
     digest: _builtins.str
@@ -162,8 +332,24 @@ class Replica(_message.Message):
     bytes_total: _builtins.int
     message: _builtins.str
     """Human-readable reason for FAILED, empty otherwise."""
+    revision: _builtins.int
+    """The revision this copy belongs to."""
+    bytes_per_second: _builtins.float
+    """Copy throughput while Fetching, bytes per second."""
+    serving_version: _builtins.str
+    """While a newer revision is being fetched, the older Ready version this node keeps serving
+    (and stays labelled for); empty otherwise.
+    """
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def verification(self) -> Global___VerificationSummary:
+        """How the files of a Ready copy were verified."""
+
+    @_builtins.property
+    def last_used_time(self) -> _timestamp_pb2.Timestamp:
+        """When pods last read the copy, as far as the agent can tell (for eviction order)."""
+
     def __init__(
         self,
         *,
@@ -176,10 +362,15 @@ class Replica(_message.Message):
         bytes_total: _builtins.int = ...,
         message: _builtins.str = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        revision: _builtins.int = ...,
+        bytes_per_second: _builtins.float = ...,
+        verification: Global___VerificationSummary | None = ...,
+        last_used_time: _timestamp_pb2.Timestamp | None = ...,
+        serving_version: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_used_time", b"last_used_time", "update_time", b"update_time", "verification", b"verification"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_done", b"bytes_done", "bytes_total", b"bytes_total", "digest", b"digest", "files_done", b"files_done", "files_total", b"files_total", "message", b"message", "node_name", b"node_name", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_done", b"bytes_done", "bytes_per_second", b"bytes_per_second", "bytes_total", b"bytes_total", "digest", b"digest", "files_done", b"files_done", "files_total", b"files_total", "last_used_time", b"last_used_time", "message", b"message", "node_name", b"node_name", "revision", b"revision", "serving_version", b"serving_version", "state", b"state", "update_time", b"update_time", "verification", b"verification"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -189,24 +380,145 @@ Global___Replica: _TypeAlias = Replica  # noqa: Y015
 class UpdateDatasetRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    NAME_FIELD_NUMBER: _builtins.int
-    REPLICAS_FIELD_NUMBER: _builtins.int
-    name: _builtins.str
-    replicas: _builtins.int
-    """New replica count (1-10000)."""
+    DATASET_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def dataset(self) -> Global___Dataset:
+        """The dataset, with name set and the new values of the fields in update_mask."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Paths that may change: replicas, all_nodes, node_selector, tolerations, pin,
+        credentials_secret, source.
+        """
+
     def __init__(
         self,
         *,
-        name: _builtins.str = ...,
-        replicas: _builtins.int = ...,
+        dataset: Global___Dataset | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "update_mask", b"update_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "replicas", b"replicas"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "update_mask", b"update_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpdateDatasetRequest: _TypeAlias = UpdateDatasetRequest  # noqa: Y015
+
+@_typing.final
+class RefreshDatasetRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RefreshDatasetRequest: _TypeAlias = RefreshDatasetRequest  # noqa: Y015
+
+@_typing.final
+class RefreshDatasetResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def dataset(self) -> Global___Dataset: ...
+    def __init__(
+        self,
+        *,
+        dataset: Global___Dataset | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RefreshDatasetResponse: _TypeAlias = RefreshDatasetResponse  # noqa: Y015
+
+@_typing.final
+class WatchDatasetsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    RESOURCE_VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """One dataset ("<namespace>/<name>"), or empty for all."""
+    resource_version: _builtins.int
+    """0: first the current state of every dataset (ADDED), then changes. Otherwise every change
+    after this version.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        resource_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "resource_version", b"resource_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchDatasetsRequest: _TypeAlias = WatchDatasetsRequest  # noqa: Y015
+
+@_typing.final
+class WatchDatasetsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _EventType:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[WatchDatasetsResponse._EventType.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        EVENT_TYPE_UNSPECIFIED: WatchDatasetsResponse._EventType.ValueType  # 0
+        EVENT_TYPE_ADDED: WatchDatasetsResponse._EventType.ValueType  # 1
+        EVENT_TYPE_MODIFIED: WatchDatasetsResponse._EventType.ValueType  # 2
+        EVENT_TYPE_DELETED: WatchDatasetsResponse._EventType.ValueType  # 3
+        """`dataset` carries the name and the resource_version of the deletion."""
+        EVENT_TYPE_BOOKMARK: WatchDatasetsResponse._EventType.ValueType  # 4
+        """Nothing changed; `resource_version` is the point to resume from."""
+
+    class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper): ...
+    EVENT_TYPE_UNSPECIFIED: WatchDatasetsResponse.EventType.ValueType  # 0
+    EVENT_TYPE_ADDED: WatchDatasetsResponse.EventType.ValueType  # 1
+    EVENT_TYPE_MODIFIED: WatchDatasetsResponse.EventType.ValueType  # 2
+    EVENT_TYPE_DELETED: WatchDatasetsResponse.EventType.ValueType  # 3
+    """`dataset` carries the name and the resource_version of the deletion."""
+    EVENT_TYPE_BOOKMARK: WatchDatasetsResponse.EventType.ValueType  # 4
+    """Nothing changed; `resource_version` is the point to resume from."""
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    DATASET_FIELD_NUMBER: _builtins.int
+    RESOURCE_VERSION_FIELD_NUMBER: _builtins.int
+    type: Global___WatchDatasetsResponse.EventType.ValueType
+    resource_version: _builtins.int
+    @_builtins.property
+    def dataset(self) -> Global___Dataset: ...
+    def __init__(
+        self,
+        *,
+        type: Global___WatchDatasetsResponse.EventType.ValueType = ...,
+        dataset: Global___Dataset | None = ...,
+        resource_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "resource_version", b"resource_version", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchDatasetsResponse: _TypeAlias = WatchDatasetsResponse  # noqa: Y015
 
 @_typing.final
 class UpdateDatasetResponse(_message.Message):
@@ -255,15 +567,32 @@ class GetPlacementResponse(_message.Message):
     LABEL_KEY_FIELD_NUMBER: _builtins.int
     LABEL_VALUE_FIELD_NUMBER: _builtins.int
     NODE_PATH_FIELD_NUMBER: _builtins.int
+    AFFINITY_FIELD_NUMBER: _builtins.int
+    VOLUME_FIELD_NUMBER: _builtins.int
+    VOLUME_MOUNT_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     label_key: _builtins.str
     """Node label key and value marking those nodes (e.g. dataset.datacache.io/NAME = ready)."""
     label_value: _builtins.str
     node_path: _builtins.str
     """Where the data is on those nodes (a hostPath for a read-only volume)."""
+    version: _builtins.str
+    """The version the volume points at (the `current` version on every ready node)."""
     @_builtins.property
     def ready_nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Nodes holding a Ready, verified replica, sorted."""
 
+    @_builtins.property
+    def affinity(self) -> _struct_pb2.Struct:
+        """Pod-spec snippets, as JSON-compatible structures: `affinity` (a requiredDuringScheduling
+        node affinity on label_key), `volume` (a read-only hostPath volume of node_path) and
+        `volume_mount` (at /datasets/<namespace>/<name>).
+        """
+
+    @_builtins.property
+    def volume(self) -> _struct_pb2.Struct: ...
+    @_builtins.property
+    def volume_mount(self) -> _struct_pb2.Struct: ...
     def __init__(
         self,
         *,
@@ -271,10 +600,14 @@ class GetPlacementResponse(_message.Message):
         label_key: _builtins.str = ...,
         label_value: _builtins.str = ...,
         node_path: _builtins.str = ...,
+        affinity: _struct_pb2.Struct | None = ...,
+        volume: _struct_pb2.Struct | None = ...,
+        volume_mount: _struct_pb2.Struct | None = ...,
+        version: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["affinity", b"affinity", "volume", b"volume", "volume_mount", b"volume_mount"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["label_key", b"label_key", "label_value", b"label_value", "node_path", b"node_path", "ready_nodes", b"ready_nodes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity", b"affinity", "label_key", b"label_key", "label_value", b"label_value", "node_path", b"node_path", "ready_nodes", b"ready_nodes", "version", b"version", "volume", b"volume", "volume_mount", b"volume_mount"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -473,11 +806,20 @@ class Node(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     CACHE_CAPACITY_BYTES_FIELD_NUMBER: _builtins.int
     CACHE_FREE_BYTES_FIELD_NUMBER: _builtins.int
+    UID_FIELD_NUMBER: _builtins.int
+    ZONE_FIELD_NUMBER: _builtins.int
+    UNSCHEDULABLE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     agent_connected: _builtins.bool
     """True while the agent's lease is valid."""
     cache_capacity_bytes: _builtins.int
     cache_free_bytes: _builtins.int
+    uid: _builtins.str
+    """Kubernetes Node UID (empty outside a cluster)."""
+    zone: _builtins.str
+    """The node's topology.kubernetes.io/zone label, if any."""
+    unschedulable: _builtins.bool
+    """Cordoned (spec.unschedulable)."""
     @_builtins.property
     def last_seen_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -493,10 +835,13 @@ class Node(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         cache_capacity_bytes: _builtins.int = ...,
         cache_free_bytes: _builtins.int = ...,
+        uid: _builtins.str = ...,
+        zone: _builtins.str = ...,
+        unschedulable: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_seen_time", b"last_seen_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_connected", b"agent_connected", "cache_capacity_bytes", b"cache_capacity_bytes", "cache_free_bytes", b"cache_free_bytes", "labels", b"labels", "last_seen_time", b"last_seen_time", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_connected", b"agent_connected", "cache_capacity_bytes", b"cache_capacity_bytes", "cache_free_bytes", b"cache_free_bytes", "labels", b"labels", "last_seen_time", b"last_seen_time", "name", b"name", "uid", b"uid", "unschedulable", b"unschedulable", "zone", b"zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -539,25 +884,29 @@ Global___ListNodesResponse: _TypeAlias = ListNodesResponse  # noqa: Y015
 
 @_typing.final
 class AgentIdentity(_message.Message):
-    """Who an agent is. A new machine may reuse a node name, so the cache id (a random id written
-    once into the cache directory) is part of the identity.
+    """Who an agent is. A new machine may reuse a node name, so the node UID (when known) and the
+    cache id (a random id written once into the cache directory) are part of the identity.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     NODE_NAME_FIELD_NUMBER: _builtins.int
     CACHE_ID_FIELD_NUMBER: _builtins.int
+    NODE_UID_FIELD_NUMBER: _builtins.int
     node_name: _builtins.str
     cache_id: _builtins.str
+    node_uid: _builtins.str
+    """Kubernetes Node UID; empty outside a cluster or when the agent cannot read it."""
     def __init__(
         self,
         *,
         node_name: _builtins.str = ...,
         cache_id: _builtins.str = ...,
+        node_uid: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_id", b"cache_id", "node_name", b"node_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_id", b"cache_id", "node_name", b"node_name", "node_uid", b"node_uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -567,16 +916,43 @@ Global___AgentIdentity: _TypeAlias = AgentIdentity  # noqa: Y015
 class RegisterAgentRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class NodeLabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     AGENT_FIELD_NUMBER: _builtins.int
     CACHE_CAPACITY_BYTES_FIELD_NUMBER: _builtins.int
     CACHE_FREE_BYTES_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
+    NODE_LABELS_FIELD_NUMBER: _builtins.int
     cache_capacity_bytes: _builtins.int
     cache_free_bytes: _builtins.int
     agent_version: _builtins.str
     """Agent software version, for operators."""
     @_builtins.property
     def agent(self) -> Global___AgentIdentity: ...
+    @_builtins.property
+    def node_labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Node labels the agent was given (local mode, where there is no Node object to read them
+        from), e.g. topology.kubernetes.io/zone. In a cluster the Node object wins.
+        """
+
     def __init__(
         self,
         *,
@@ -584,10 +960,11 @@ class RegisterAgentRequest(_message.Message):
         cache_capacity_bytes: _builtins.int = ...,
         cache_free_bytes: _builtins.int = ...,
         agent_version: _builtins.str = ...,
+        node_labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "agent_version", b"agent_version", "cache_capacity_bytes", b"cache_capacity_bytes", "cache_free_bytes", b"cache_free_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "agent_version", b"agent_version", "cache_capacity_bytes", b"cache_capacity_bytes", "cache_free_bytes", b"cache_free_bytes", "node_labels", b"node_labels"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -634,6 +1011,33 @@ class WatchDesiredStateRequest(_message.Message):
 Global___WatchDesiredStateRequest: _TypeAlias = WatchDesiredStateRequest  # noqa: Y015
 
 @_typing.final
+class Credentials(_message.Message):
+    """S3 credentials from a dataset's credentials_secret."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCESS_KEY_ID_FIELD_NUMBER: _builtins.int
+    SECRET_ACCESS_KEY_FIELD_NUMBER: _builtins.int
+    SESSION_TOKEN_FIELD_NUMBER: _builtins.int
+    access_key_id: _builtins.str
+    secret_access_key: _builtins.str
+    session_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        access_key_id: _builtins.str = ...,
+        secret_access_key: _builtins.str = ...,
+        session_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_key_id", b"access_key_id", "secret_access_key", b"secret_access_key", "session_token", b"session_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Credentials: _TypeAlias = Credentials  # noqa: Y015
+
+@_typing.final
 class DesiredDataset(_message.Message):
     """What a node should hold."""
 
@@ -641,17 +1045,33 @@ class DesiredDataset(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    CREDENTIALS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     source: _builtins.str
+    revision: _builtins.int
+    """Fetch this revision; a Ready copy of an older one keeps serving until it is done."""
+    version: _builtins.str
+    """The fixed version of this revision, if a copy has fixed it already: fetch exactly its
+    manifest (GetVersionManifest), or fail if the source no longer matches it.
+    """
+    @_builtins.property
+    def credentials(self) -> Global___Credentials:
+        """Unset: use the agent's own credential chain."""
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         source: _builtins.str = ...,
+        revision: _builtins.int = ...,
+        version: _builtins.str = ...,
+        credentials: Global___Credentials | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials", "name", b"name", "revision", b"revision", "source", b"source", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -695,6 +1115,12 @@ class ReplicaReport(_message.Message):
     FILES_TOTAL_FIELD_NUMBER: _builtins.int
     BYTES_TOTAL_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    BYTES_PER_SECOND_FIELD_NUMBER: _builtins.int
+    VERIFICATION_FIELD_NUMBER: _builtins.int
+    LAST_USED_TIME_FIELD_NUMBER: _builtins.int
+    SERVING_VERSION_FIELD_NUMBER: _builtins.int
+    DISK_BYTES_FIELD_NUMBER: _builtins.int
     dataset_name: _builtins.str
     state: Global___ReplicaState.ValueType
     digest: _builtins.str
@@ -703,6 +1129,17 @@ class ReplicaReport(_message.Message):
     files_total: _builtins.int
     bytes_total: _builtins.int
     message: _builtins.str
+    revision: _builtins.int
+    """The revision the state above is about."""
+    bytes_per_second: _builtins.float
+    serving_version: _builtins.str
+    """A Ready older version still served while `revision` is fetched."""
+    disk_bytes: _builtins.int
+    """Bytes on disk for this dataset (all its versions and staging)."""
+    @_builtins.property
+    def verification(self) -> Global___VerificationSummary: ...
+    @_builtins.property
+    def last_used_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -714,10 +1151,16 @@ class ReplicaReport(_message.Message):
         files_total: _builtins.int = ...,
         bytes_total: _builtins.int = ...,
         message: _builtins.str = ...,
+        revision: _builtins.int = ...,
+        bytes_per_second: _builtins.float = ...,
+        verification: Global___VerificationSummary | None = ...,
+        last_used_time: _timestamp_pb2.Timestamp | None = ...,
+        serving_version: _builtins.str = ...,
+        disk_bytes: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_used_time", b"last_used_time", "verification", b"verification"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_done", b"bytes_done", "bytes_total", b"bytes_total", "dataset_name", b"dataset_name", "digest", b"digest", "files_done", b"files_done", "files_total", b"files_total", "message", b"message", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_done", b"bytes_done", "bytes_per_second", b"bytes_per_second", "bytes_total", b"bytes_total", "dataset_name", b"dataset_name", "digest", b"digest", "disk_bytes", b"disk_bytes", "files_done", b"files_done", "files_total", b"files_total", "last_used_time", b"last_used_time", "message", b"message", "revision", b"revision", "serving_version", b"serving_version", "state", b"state", "verification", b"verification"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -731,8 +1174,13 @@ class ReportStateRequest(_message.Message):
     REPLICAS_FIELD_NUMBER: _builtins.int
     CACHE_CAPACITY_BYTES_FIELD_NUMBER: _builtins.int
     CACHE_FREE_BYTES_FIELD_NUMBER: _builtins.int
+    PRESSURE_BYTES_FIELD_NUMBER: _builtins.int
     cache_capacity_bytes: _builtins.int
     cache_free_bytes: _builtins.int
+    pressure_bytes: _builtins.int
+    """Room the agent lacks for its desired datasets (disk full or over quota), bytes; the
+    coordinator resolves it by evicting unpinned, least recently used datasets from the node.
+    """
     @_builtins.property
     def agent(self) -> Global___AgentIdentity: ...
     @_builtins.property
@@ -746,10 +1194,11 @@ class ReportStateRequest(_message.Message):
         replicas: _abc.Iterable[Global___ReplicaReport] | None = ...,
         cache_capacity_bytes: _builtins.int = ...,
         cache_free_bytes: _builtins.int = ...,
+        pressure_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "cache_capacity_bytes", b"cache_capacity_bytes", "cache_free_bytes", b"cache_free_bytes", "replicas", b"replicas"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "cache_capacity_bytes", b"cache_capacity_bytes", "cache_free_bytes", b"cache_free_bytes", "pressure_bytes", b"pressure_bytes", "replicas", b"replicas"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -769,3 +1218,146 @@ class ReportStateResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportStateResponse: _TypeAlias = ReportStateResponse  # noqa: Y015
+
+@_typing.final
+class ManifestEntry(_message.Message):
+    """One file of a version manifest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    CRC64NVME_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """Relative path in the dataset ('/'-separated)."""
+    size: _builtins.int
+    etag: _builtins.str
+    """The source's ETag (or NFS/local change attribute) when copied."""
+    crc64nvme: _builtins.str
+    """CRC64/NVME of the content, as 16 lowercase hex digits."""
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        size: _builtins.int = ...,
+        etag: _builtins.str = ...,
+        crc64nvme: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crc64nvme", b"crc64nvme", "etag", b"etag", "path", b"path", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ManifestEntry: _TypeAlias = ManifestEntry  # noqa: Y015
+
+@_typing.final
+class PublishVersionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    DATASET_NAME_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    dataset_name: _builtins.str
+    revision: _builtins.int
+    version: _builtins.str
+    """The manifest digest ("sha256:<hex>"), checked by the coordinator against the entries."""
+    @_builtins.property
+    def agent(self) -> Global___AgentIdentity:
+        """Set in the first message only."""
+
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___ManifestEntry]:
+        """Entries, in path order, spread over as many messages as needed (at most 1,000 each)."""
+
+    def __init__(
+        self,
+        *,
+        agent: Global___AgentIdentity | None = ...,
+        dataset_name: _builtins.str = ...,
+        revision: _builtins.int = ...,
+        version: _builtins.str = ...,
+        entries: _abc.Iterable[Global___ManifestEntry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "dataset_name", b"dataset_name", "entries", b"entries", "revision", b"revision", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishVersionRequest: _TypeAlias = PublishVersionRequest  # noqa: Y015
+
+@_typing.final
+class PublishVersionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    """The fixed version: the offered one if it was first, otherwise the one fixed earlier."""
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishVersionResponse: _TypeAlias = PublishVersionResponse  # noqa: Y015
+
+@_typing.final
+class GetVersionManifestRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    dataset_name: _builtins.str
+    version: _builtins.str
+    page_size: _builtins.int
+    """0: server default (1,000); at most 10,000."""
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        dataset_name: _builtins.str = ...,
+        version: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_name", b"dataset_name", "page_size", b"page_size", "page_token", b"page_token", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetVersionManifestRequest: _TypeAlias = GetVersionManifestRequest  # noqa: Y015
+
+@_typing.final
+class GetVersionManifestResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___ManifestEntry]: ...
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___ManifestEntry] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetVersionManifestResponse: _TypeAlias = GetVersionManifestResponse  # noqa: Y015

@@ -63,6 +63,16 @@ class DatasetServiceStub:
                 request_serializer=datacache_dot_v1_dot_datacache__pb2.DeleteDatasetRequest.SerializeToString,
                 response_deserializer=datacache_dot_v1_dot_datacache__pb2.DeleteDatasetResponse.FromString,
                 _registered_method=True)
+        self.RefreshDataset = channel.unary_unary(
+                '/datacache.v1.DatasetService/RefreshDataset',
+                request_serializer=datacache_dot_v1_dot_datacache__pb2.RefreshDatasetRequest.SerializeToString,
+                response_deserializer=datacache_dot_v1_dot_datacache__pb2.RefreshDatasetResponse.FromString,
+                _registered_method=True)
+        self.WatchDatasets = channel.unary_stream(
+                '/datacache.v1.DatasetService/WatchDatasets',
+                request_serializer=datacache_dot_v1_dot_datacache__pb2.WatchDatasetsRequest.SerializeToString,
+                response_deserializer=datacache_dot_v1_dot_datacache__pb2.WatchDatasetsResponse.FromString,
+                _registered_method=True)
         self.GetPlacement = channel.unary_unary(
                 '/datacache.v1.DatasetService/GetPlacement',
                 request_serializer=datacache_dot_v1_dot_datacache__pb2.GetPlacementRequest.SerializeToString,
@@ -100,8 +110,9 @@ class DatasetServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateDataset(self, request, context):
-        """Changes a dataset's replica count. NOT_FOUND if it does not exist, FAILED_PRECONDITION
-        while it is being deleted.
+        """Changes the fields of a dataset named in update_mask. NOT_FOUND if it does not exist,
+        FAILED_PRECONDITION while it is being deleted, INVALID_ARGUMENT for a bad value or a path
+        that cannot be changed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -114,9 +125,25 @@ class DatasetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RefreshDataset(self, request, context):
+        """Starts a new revision: every replica fetches the source again while its old version keeps
+        serving; the old version is removed from a node only once the new one is Ready there.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchDatasets(self, request, context):
+        """Streams changes of datasets (spec or status). Resumable: pass the last resource_version
+        seen. OUT_OF_RANGE when that version is too old to resume from; watch again from 0.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetPlacement(self, request, context):
-        """Where a dataset can be read: the nodes holding a Ready replica, and the node label a pod
-        should require to be scheduled on one of them.
+        """Where a dataset can be read: the nodes holding a Ready replica, the node label a pod
+        should require, and pod-spec snippets ready to use.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -149,6 +176,16 @@ def add_DatasetServiceServicer_to_server(servicer, server):
                     servicer.DeleteDataset,
                     request_deserializer=datacache_dot_v1_dot_datacache__pb2.DeleteDatasetRequest.FromString,
                     response_serializer=datacache_dot_v1_dot_datacache__pb2.DeleteDatasetResponse.SerializeToString,
+            ),
+            'RefreshDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.RefreshDataset,
+                    request_deserializer=datacache_dot_v1_dot_datacache__pb2.RefreshDatasetRequest.FromString,
+                    response_serializer=datacache_dot_v1_dot_datacache__pb2.RefreshDatasetResponse.SerializeToString,
+            ),
+            'WatchDatasets': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchDatasets,
+                    request_deserializer=datacache_dot_v1_dot_datacache__pb2.WatchDatasetsRequest.FromString,
+                    response_serializer=datacache_dot_v1_dot_datacache__pb2.WatchDatasetsResponse.SerializeToString,
             ),
             'GetPlacement': grpc.unary_unary_rpc_method_handler(
                     servicer.GetPlacement,
@@ -306,6 +343,60 @@ class DatasetService:
             _registered_method=True)
 
     @staticmethod
+    def RefreshDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/datacache.v1.DatasetService/RefreshDataset',
+            datacache_dot_v1_dot_datacache__pb2.RefreshDatasetRequest.SerializeToString,
+            datacache_dot_v1_dot_datacache__pb2.RefreshDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchDatasets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/datacache.v1.DatasetService/WatchDatasets',
+            datacache_dot_v1_dot_datacache__pb2.WatchDatasetsRequest.SerializeToString,
+            datacache_dot_v1_dot_datacache__pb2.WatchDatasetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def GetPlacement(request,
             target,
             options=(),
@@ -446,6 +537,16 @@ class AgentServiceStub:
                 request_serializer=datacache_dot_v1_dot_datacache__pb2.ReportStateRequest.SerializeToString,
                 response_deserializer=datacache_dot_v1_dot_datacache__pb2.ReportStateResponse.FromString,
                 _registered_method=True)
+        self.PublishVersion = channel.stream_unary(
+                '/datacache.v1.AgentService/PublishVersion',
+                request_serializer=datacache_dot_v1_dot_datacache__pb2.PublishVersionRequest.SerializeToString,
+                response_deserializer=datacache_dot_v1_dot_datacache__pb2.PublishVersionResponse.FromString,
+                _registered_method=True)
+        self.GetVersionManifest = channel.unary_unary(
+                '/datacache.v1.AgentService/GetVersionManifest',
+                request_serializer=datacache_dot_v1_dot_datacache__pb2.GetVersionManifestRequest.SerializeToString,
+                response_deserializer=datacache_dot_v1_dot_datacache__pb2.GetVersionManifestResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -477,6 +578,22 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PublishVersion(self, request_iterator, context):
+        """Offers the manifest of a complete copy as the version of a revision. The first offer
+        fixes the version; later offers return it unchanged. FAILED_PRECONDITION if the revision
+        is no longer current.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetVersionManifest(self, request, context):
+        """Reads the fixed manifest of a version, paginated, so other replicas copy exactly it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -494,6 +611,16 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.ReportState,
                     request_deserializer=datacache_dot_v1_dot_datacache__pb2.ReportStateRequest.FromString,
                     response_serializer=datacache_dot_v1_dot_datacache__pb2.ReportStateResponse.SerializeToString,
+            ),
+            'PublishVersion': grpc.stream_unary_rpc_method_handler(
+                    servicer.PublishVersion,
+                    request_deserializer=datacache_dot_v1_dot_datacache__pb2.PublishVersionRequest.FromString,
+                    response_serializer=datacache_dot_v1_dot_datacache__pb2.PublishVersionResponse.SerializeToString,
+            ),
+            'GetVersionManifest': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetVersionManifest,
+                    request_deserializer=datacache_dot_v1_dot_datacache__pb2.GetVersionManifestRequest.FromString,
+                    response_serializer=datacache_dot_v1_dot_datacache__pb2.GetVersionManifestResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -581,6 +708,60 @@ class AgentService:
             '/datacache.v1.AgentService/ReportState',
             datacache_dot_v1_dot_datacache__pb2.ReportStateRequest.SerializeToString,
             datacache_dot_v1_dot_datacache__pb2.ReportStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishVersion(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/datacache.v1.AgentService/PublishVersion',
+            datacache_dot_v1_dot_datacache__pb2.PublishVersionRequest.SerializeToString,
+            datacache_dot_v1_dot_datacache__pb2.PublishVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetVersionManifest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/datacache.v1.AgentService/GetVersionManifest',
+            datacache_dot_v1_dot_datacache__pb2.GetVersionManifestRequest.SerializeToString,
+            datacache_dot_v1_dot_datacache__pb2.GetVersionManifestResponse.FromString,
             options,
             channel_credentials,
             insecure,

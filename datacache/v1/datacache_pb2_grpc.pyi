@@ -53,14 +53,23 @@ class DatasetServiceStub:
     ListDatasets: _grpc.UnaryUnaryMultiCallable[_datacache_pb2.ListDatasetsRequest, _datacache_pb2.ListDatasetsResponse]
     """Lists datasets in name order, paginated."""
     UpdateDataset: _grpc.UnaryUnaryMultiCallable[_datacache_pb2.UpdateDatasetRequest, _datacache_pb2.UpdateDatasetResponse]
-    """Changes a dataset's replica count. NOT_FOUND if it does not exist, FAILED_PRECONDITION
-    while it is being deleted.
+    """Changes the fields of a dataset named in update_mask. NOT_FOUND if it does not exist,
+    FAILED_PRECONDITION while it is being deleted, INVALID_ARGUMENT for a bad value or a path
+    that cannot be changed.
     """
     DeleteDataset: _grpc.UnaryUnaryMultiCallable[_datacache_pb2.DeleteDatasetRequest, _datacache_pb2.DeleteDatasetResponse]
     """Deletes a dataset: labels are removed first, then agents delete their copies."""
+    RefreshDataset: _grpc.UnaryUnaryMultiCallable[_datacache_pb2.RefreshDatasetRequest, _datacache_pb2.RefreshDatasetResponse]
+    """Starts a new revision: every replica fetches the source again while its old version keeps
+    serving; the old version is removed from a node only once the new one is Ready there.
+    """
+    WatchDatasets: _grpc.UnaryStreamMultiCallable[_datacache_pb2.WatchDatasetsRequest, _datacache_pb2.WatchDatasetsResponse]
+    """Streams changes of datasets (spec or status). Resumable: pass the last resource_version
+    seen. OUT_OF_RANGE when that version is too old to resume from; watch again from 0.
+    """
     GetPlacement: _grpc.UnaryUnaryMultiCallable[_datacache_pb2.GetPlacementRequest, _datacache_pb2.GetPlacementResponse]
-    """Where a dataset can be read: the nodes holding a Ready replica, and the node label a pod
-    should require to be scheduled on one of them.
+    """Where a dataset can be read: the nodes holding a Ready replica, the node label a pod
+    should require, and pod-spec snippets ready to use.
     """
 
 @_typing.type_check_only
@@ -80,14 +89,23 @@ class DatasetServiceAsyncStub(DatasetServiceStub):
     ListDatasets: _aio.UnaryUnaryMultiCallable[_datacache_pb2.ListDatasetsRequest, _datacache_pb2.ListDatasetsResponse]  # type: ignore[assignment]
     """Lists datasets in name order, paginated."""
     UpdateDataset: _aio.UnaryUnaryMultiCallable[_datacache_pb2.UpdateDatasetRequest, _datacache_pb2.UpdateDatasetResponse]  # type: ignore[assignment]
-    """Changes a dataset's replica count. NOT_FOUND if it does not exist, FAILED_PRECONDITION
-    while it is being deleted.
+    """Changes the fields of a dataset named in update_mask. NOT_FOUND if it does not exist,
+    FAILED_PRECONDITION while it is being deleted, INVALID_ARGUMENT for a bad value or a path
+    that cannot be changed.
     """
     DeleteDataset: _aio.UnaryUnaryMultiCallable[_datacache_pb2.DeleteDatasetRequest, _datacache_pb2.DeleteDatasetResponse]  # type: ignore[assignment]
     """Deletes a dataset: labels are removed first, then agents delete their copies."""
+    RefreshDataset: _aio.UnaryUnaryMultiCallable[_datacache_pb2.RefreshDatasetRequest, _datacache_pb2.RefreshDatasetResponse]  # type: ignore[assignment]
+    """Starts a new revision: every replica fetches the source again while its old version keeps
+    serving; the old version is removed from a node only once the new one is Ready there.
+    """
+    WatchDatasets: _aio.UnaryStreamMultiCallable[_datacache_pb2.WatchDatasetsRequest, _datacache_pb2.WatchDatasetsResponse]  # type: ignore[assignment]
+    """Streams changes of datasets (spec or status). Resumable: pass the last resource_version
+    seen. OUT_OF_RANGE when that version is too old to resume from; watch again from 0.
+    """
     GetPlacement: _aio.UnaryUnaryMultiCallable[_datacache_pb2.GetPlacementRequest, _datacache_pb2.GetPlacementResponse]  # type: ignore[assignment]
-    """Where a dataset can be read: the nodes holding a Ready replica, and the node label a pod
-    should require to be scheduled on one of them.
+    """Where a dataset can be read: the nodes holding a Ready replica, the node label a pod
+    should require, and pod-spec snippets ready to use.
     """
 
 class DatasetServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -128,8 +146,9 @@ class DatasetServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _datacache_pb2.UpdateDatasetRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_datacache_pb2.UpdateDatasetResponse, _abc.Awaitable[_datacache_pb2.UpdateDatasetResponse]]:
-        """Changes a dataset's replica count. NOT_FOUND if it does not exist, FAILED_PRECONDITION
-        while it is being deleted.
+        """Changes the fields of a dataset named in update_mask. NOT_FOUND if it does not exist,
+        FAILED_PRECONDITION while it is being deleted, INVALID_ARGUMENT for a bad value or a path
+        that cannot be changed.
         """
 
     @_abc_1.abstractmethod
@@ -141,13 +160,33 @@ class DatasetServiceServicer(metaclass=_abc_1.ABCMeta):
         """Deletes a dataset: labels are removed first, then agents delete their copies."""
 
     @_abc_1.abstractmethod
+    def RefreshDataset(
+        self,
+        request: _datacache_pb2.RefreshDatasetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datacache_pb2.RefreshDatasetResponse, _abc.Awaitable[_datacache_pb2.RefreshDatasetResponse]]:
+        """Starts a new revision: every replica fetches the source again while its old version keeps
+        serving; the old version is removed from a node only once the new one is Ready there.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchDatasets(
+        self,
+        request: _datacache_pb2.WatchDatasetsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_datacache_pb2.WatchDatasetsResponse], _abc.AsyncIterator[_datacache_pb2.WatchDatasetsResponse]]:
+        """Streams changes of datasets (spec or status). Resumable: pass the last resource_version
+        seen. OUT_OF_RANGE when that version is too old to resume from; watch again from 0.
+        """
+
+    @_abc_1.abstractmethod
     def GetPlacement(
         self,
         request: _datacache_pb2.GetPlacementRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_datacache_pb2.GetPlacementResponse, _abc.Awaitable[_datacache_pb2.GetPlacementResponse]]:
-        """Where a dataset can be read: the nodes holding a Ready replica, and the node label a pod
-        should require to be scheduled on one of them.
+        """Where a dataset can be read: the nodes holding a Ready replica, the node label a pod
+        should require, and pod-spec snippets ready to use.
         """
 
 def add_DatasetServiceServicer_to_server(servicer: DatasetServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
@@ -210,6 +249,13 @@ class AgentServiceStub:
     """
     ReportState: _grpc.UnaryUnaryMultiCallable[_datacache_pb2.ReportStateRequest, _datacache_pb2.ReportStateResponse]
     """Reports the node's full actual state. Also renews the agent's lease."""
+    PublishVersion: _grpc.StreamUnaryMultiCallable[_datacache_pb2.PublishVersionRequest, _datacache_pb2.PublishVersionResponse]
+    """Offers the manifest of a complete copy as the version of a revision. The first offer
+    fixes the version; later offers return it unchanged. FAILED_PRECONDITION if the revision
+    is no longer current.
+    """
+    GetVersionManifest: _grpc.UnaryUnaryMultiCallable[_datacache_pb2.GetVersionManifestRequest, _datacache_pb2.GetVersionManifestResponse]
+    """Reads the fixed manifest of a version, paginated, so other replicas copy exactly it."""
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -227,6 +273,13 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """
     ReportState: _aio.UnaryUnaryMultiCallable[_datacache_pb2.ReportStateRequest, _datacache_pb2.ReportStateResponse]  # type: ignore[assignment]
     """Reports the node's full actual state. Also renews the agent's lease."""
+    PublishVersion: _aio.StreamUnaryMultiCallable[_datacache_pb2.PublishVersionRequest, _datacache_pb2.PublishVersionResponse]  # type: ignore[assignment]
+    """Offers the manifest of a complete copy as the version of a revision. The first offer
+    fixes the version; later offers return it unchanged. FAILED_PRECONDITION if the revision
+    is no longer current.
+    """
+    GetVersionManifest: _aio.UnaryUnaryMultiCallable[_datacache_pb2.GetVersionManifestRequest, _datacache_pb2.GetVersionManifestResponse]  # type: ignore[assignment]
+    """Reads the fixed manifest of a version, paginated, so other replicas copy exactly it."""
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------------------------------------
@@ -259,5 +312,24 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_datacache_pb2.ReportStateResponse, _abc.Awaitable[_datacache_pb2.ReportStateResponse]]:
         """Reports the node's full actual state. Also renews the agent's lease."""
+
+    @_abc_1.abstractmethod
+    def PublishVersion(
+        self,
+        request_iterator: _MaybeAsyncIterator[_datacache_pb2.PublishVersionRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_datacache_pb2.PublishVersionResponse, _abc.Awaitable[_datacache_pb2.PublishVersionResponse]]:
+        """Offers the manifest of a complete copy as the version of a revision. The first offer
+        fixes the version; later offers return it unchanged. FAILED_PRECONDITION if the revision
+        is no longer current.
+        """
+
+    @_abc_1.abstractmethod
+    def GetVersionManifest(
+        self,
+        request: _datacache_pb2.GetVersionManifestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datacache_pb2.GetVersionManifestResponse, _abc.Awaitable[_datacache_pb2.GetVersionManifestResponse]]:
+        """Reads the fixed manifest of a version, paginated, so other replicas copy exactly it."""
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
