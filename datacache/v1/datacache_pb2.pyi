@@ -140,6 +140,7 @@ class Dataset(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     RESOURCE_VERSION_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    MAX_REPLICAS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"<namespace>/<name>": the namespace is a DNS-1123 label (at most 63 characters), the name a
     DNS-1123 subdomain (lowercase letters, digits, '-' and '.', at most 253 characters). A name
@@ -167,6 +168,11 @@ class Dataset(_message.Message):
     resource_version: _builtins.int
     """Output only. Changes on every change of this dataset's spec or status; WatchDatasets
     resumes after it.
+    """
+    max_replicas: _builtins.int
+    """Demand (trial pods waiting for the data, or SetDemand) may raise the replica count up to
+    this; 0 means `replicas` is fixed. When demand ends, replicas return to `replicas` after the
+    coordinator's cool-down.
     """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
@@ -206,10 +212,11 @@ class Dataset(_message.Message):
         revision: _builtins.int = ...,
         resource_version: _builtins.int = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        max_replicas: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "status", b"status", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_nodes", b"all_nodes", "create_time", b"create_time", "credentials_secret", b"credentials_secret", "name", b"name", "node_selector", b"node_selector", "pin", b"pin", "replicas", b"replicas", "resource_version", b"resource_version", "revision", b"revision", "source", b"source", "status", b"status", "tolerations", b"tolerations", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_nodes", b"all_nodes", "create_time", b"create_time", "credentials_secret", b"credentials_secret", "max_replicas", b"max_replicas", "name", b"name", "node_selector", b"node_selector", "pin", b"pin", "replicas", b"replicas", "resource_version", b"resource_version", "revision", b"revision", "source", b"source", "status", b"status", "tolerations", b"tolerations", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -226,6 +233,8 @@ class DatasetStatus(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     PHASE_FIELD_NUMBER: _builtins.int
+    DEMAND_FIELD_NUMBER: _builtins.int
+    TARGET_REPLICAS_FIELD_NUMBER: _builtins.int
     ready_replicas: _builtins.int
     version: _builtins.str
     """The version of the current revision: the digest of the manifest fixed by the first
@@ -236,6 +245,12 @@ class DatasetStatus(_message.Message):
     """Total size of the current revision, once known (from the first listing)."""
     phase: _builtins.str
     """"Pending", "Replicating", "Ready", "Degraded", "Failed" or "Deleting"."""
+    demand: _builtins.int
+    """Pods (annotated, pending or running) plus explicit demand wanting this dataset now."""
+    target_replicas: _builtins.int
+    """The replica count placement works towards: `replicas` raised by demand, at most
+    `max_replicas`.
+    """
     @_builtins.property
     def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___Replica]:
         """One entry per node the dataset is assigned to or still present on, sorted by node name."""
@@ -248,10 +263,12 @@ class DatasetStatus(_message.Message):
         version: _builtins.str = ...,
         size_bytes: _builtins.int = ...,
         phase: _builtins.str = ...,
+        demand: _builtins.int = ...,
+        target_replicas: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["phase", b"phase", "ready_replicas", b"ready_replicas", "replicas", b"replicas", "size_bytes", b"size_bytes", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["demand", b"demand", "phase", b"phase", "ready_replicas", b"ready_replicas", "replicas", b"replicas", "size_bytes", b"size_bytes", "target_replicas", b"target_replicas", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -775,6 +792,91 @@ class DeleteDatasetResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteDatasetResponse: _TypeAlias = DeleteDatasetResponse  # noqa: Y015
+
+@_typing.final
+class SetDemandRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class NodeSelectorEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    DATASET_NAME_FIELD_NUMBER: _builtins.int
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    TRIALS_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    NODE_SELECTOR_FIELD_NUMBER: _builtins.int
+    TOLERATIONS_FIELD_NUMBER: _builtins.int
+    dataset_name: _builtins.str
+    client_id: _builtins.str
+    """Who asks (e.g. "katib/experiment-42"); one demand per client and dataset. 1-253 characters."""
+    trials: _builtins.int
+    """Trials that will run in parallel (0-10000)."""
+    ttl_seconds: _builtins.int
+    """How long the demand holds unless renewed (1-86400 s)."""
+    @_builtins.property
+    def node_selector(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Where the trials can run: only nodes with these labels, tolerating their taints."""
+
+    @_builtins.property
+    def tolerations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Toleration]: ...
+    def __init__(
+        self,
+        *,
+        dataset_name: _builtins.str = ...,
+        client_id: _builtins.str = ...,
+        trials: _builtins.int = ...,
+        ttl_seconds: _builtins.int = ...,
+        node_selector: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        tolerations: _abc.Iterable[Global___Toleration] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "dataset_name", b"dataset_name", "node_selector", b"node_selector", "tolerations", b"tolerations", "trials", b"trials", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetDemandRequest: _TypeAlias = SetDemandRequest  # noqa: Y015
+
+@_typing.final
+class SetDemandResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGET_REPLICAS_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    target_replicas: _builtins.int
+    """The dataset's replica target after this demand."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        target_replicas: _builtins.int = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "target_replicas", b"target_replicas"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetDemandResponse: _TypeAlias = SetDemandResponse  # noqa: Y015
 
 @_typing.final
 class Node(_message.Message):

@@ -424,6 +424,98 @@ class DatasetService:
             _registered_method=True)
 
 
+class DemandServiceStub:
+    """---------------------------------------------------------------------------------------------
+    DemandService
+    ---------------------------------------------------------------------------------------------
+
+    For sweep controllers: say ahead how many trials will read a dataset, so replicas are ready
+    where they will run.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.SetDemand = channel.unary_unary(
+                '/datacache.v1.DemandService/SetDemand',
+                request_serializer=datacache_dot_v1_dot_datacache__pb2.SetDemandRequest.SerializeToString,
+                response_deserializer=datacache_dot_v1_dot_datacache__pb2.SetDemandResponse.FromString,
+                _registered_method=True)
+
+
+class DemandServiceServicer:
+    """---------------------------------------------------------------------------------------------
+    DemandService
+    ---------------------------------------------------------------------------------------------
+
+    For sweep controllers: say ahead how many trials will read a dataset, so replicas are ready
+    where they will run.
+    """
+
+    def SetDemand(self, request, context):
+        """Declares, renews or (trials = 0) withdraws one client's demand for a dataset. Demand
+        expires after ttl_seconds unless renewed. NOT_FOUND for an unknown dataset.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_DemandServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'SetDemand': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDemand,
+                    request_deserializer=datacache_dot_v1_dot_datacache__pb2.SetDemandRequest.FromString,
+                    response_serializer=datacache_dot_v1_dot_datacache__pb2.SetDemandResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'datacache.v1.DemandService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('datacache.v1.DemandService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class DemandService:
+    """---------------------------------------------------------------------------------------------
+    DemandService
+    ---------------------------------------------------------------------------------------------
+
+    For sweep controllers: say ahead how many trials will read a dataset, so replicas are ready
+    where they will run.
+    """
+
+    @staticmethod
+    def SetDemand(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/datacache.v1.DemandService/SetDemand',
+            datacache_dot_v1_dot_datacache__pb2.SetDemandRequest.SerializeToString,
+            datacache_dot_v1_dot_datacache__pb2.SetDemandResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class NodeServiceStub:
     """---------------------------------------------------------------------------------------------
     NodeService

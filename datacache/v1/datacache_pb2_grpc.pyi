@@ -191,6 +191,61 @@ class DatasetServiceServicer(metaclass=_abc_1.ABCMeta):
 
 def add_DatasetServiceServicer_to_server(servicer: DatasetServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
+class DemandServiceStub:
+    """---------------------------------------------------------------------------------------------
+    DemandService
+    ---------------------------------------------------------------------------------------------
+
+    For sweep controllers: say ahead how many trials will read a dataset, so replicas are ready
+    where they will run.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> DemandServiceAsyncStub: ...
+    SetDemand: _grpc.UnaryUnaryMultiCallable[_datacache_pb2.SetDemandRequest, _datacache_pb2.SetDemandResponse]
+    """Declares, renews or (trials = 0) withdraws one client's demand for a dataset. Demand
+    expires after ttl_seconds unless renewed. NOT_FOUND for an unknown dataset.
+    """
+
+@_typing.type_check_only
+class DemandServiceAsyncStub(DemandServiceStub):
+    """---------------------------------------------------------------------------------------------
+    DemandService
+    ---------------------------------------------------------------------------------------------
+
+    For sweep controllers: say ahead how many trials will read a dataset, so replicas are ready
+    where they will run.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    SetDemand: _aio.UnaryUnaryMultiCallable[_datacache_pb2.SetDemandRequest, _datacache_pb2.SetDemandResponse]  # type: ignore[assignment]
+    """Declares, renews or (trials = 0) withdraws one client's demand for a dataset. Demand
+    expires after ttl_seconds unless renewed. NOT_FOUND for an unknown dataset.
+    """
+
+class DemandServiceServicer(metaclass=_abc_1.ABCMeta):
+    """---------------------------------------------------------------------------------------------
+    DemandService
+    ---------------------------------------------------------------------------------------------
+
+    For sweep controllers: say ahead how many trials will read a dataset, so replicas are ready
+    where they will run.
+    """
+
+    @_abc_1.abstractmethod
+    def SetDemand(
+        self,
+        request: _datacache_pb2.SetDemandRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datacache_pb2.SetDemandResponse, _abc.Awaitable[_datacache_pb2.SetDemandResponse]]:
+        """Declares, renews or (trials = 0) withdraws one client's demand for a dataset. Demand
+        expires after ttl_seconds unless renewed. NOT_FOUND for an unknown dataset.
+        """
+
+def add_DemandServiceServicer_to_server(servicer: DemandServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
 class NodeServiceStub:
     """---------------------------------------------------------------------------------------------
     NodeService
