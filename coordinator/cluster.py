@@ -46,6 +46,8 @@ class NodeFacts:
     """Cordoned."""
     allocatable_bytes: int | None = None
     """status.allocatable["ephemeral-storage"], bytes; None when unknown."""
+    extended_resources: Mapping[str, int] = field(default_factory=dict)
+    """Allocatable countable resources with a domain prefix (e.g. nvidia.com/gpu: 8)."""
 
     @property
     def zone(self) -> str:
