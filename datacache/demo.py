@@ -18,7 +18,7 @@ from pathlib import Path
 import boto3.s3.transfer
 import click
 
-from datacache.cli import render_dataset, render_nodes
+from datacache.cli_render import render_dataset, render_nodes
 from datacache.localcluster import ClusterError, LocalCluster, s3_client
 
 BUCKET = "datacache-demo"

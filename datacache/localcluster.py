@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -27,6 +27,7 @@ import botocore.exceptions
 import botocore.handlers
 import grpc
 
+from datacache.client import ClientSettings, sync_channel
 from datacache.v1 import datacache_pb2 as pb
 from datacache.v1 import datacache_pb2_grpc as pb_grpc
 
@@ -117,6 +118,8 @@ class LocalCluster:
         self._coordinator: Process | None = None
         self.coordinator_metrics_port = free_port()
         self.agent_metrics_ports: dict[str, int] = {}
+        self.client = ClientSettings()
+        """How `channel()` dials the coordinator (TLS, token); the target is filled in."""
 
     def __enter__(self) -> LocalCluster:
         return self
@@ -223,7 +226,9 @@ class LocalCluster:
 
     # Coordinator and agents -----------------------------------------------------------------
 
-    def start_coordinator(self, *extra: str, timeout: float = 30.0) -> str:
+    def start_coordinator(
+        self, *extra: str, timeout: float = 30.0, env: dict[str, str] | None = None
+    ) -> str:
         """Starts the coordinator; a restart listens on the same port so agents find it."""
         port_file = self.workdir / "coordinator.port"
         port_file.unlink(missing_ok=True)
@@ -238,7 +243,7 @@ class LocalCluster:
             "--log-format=json",
             *extra,
         ]
-        process = self.spawn("coordinator", argv)
+        process = self.spawn("coordinator", argv, env=env)
 
         def serving() -> bool:
             if not process.alive():
@@ -278,9 +283,13 @@ class LocalCluster:
     def cache_dir(self, node: str) -> Path:
         return self.workdir / "nodes" / node
 
+    def client_settings(self, **changes: Any) -> ClientSettings:
+        """`self.client` aimed at the running coordinator, with `changes` applied."""
+        return replace(self.client, target=self.coordinator_address, **changes)
+
     @contextlib.contextmanager
-    def channel(self) -> Iterator[grpc.Channel]:
-        with grpc.insecure_channel(self.coordinator_address) as channel:
+    def channel(self, **changes: Any) -> Iterator[grpc.Channel]:
+        with sync_channel(self.client_settings(**changes)) as channel:
             yield channel
 
     def get_dataset(self, name: str) -> pb.Dataset:
