@@ -71,6 +71,8 @@ class NodeDirectory:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._nodes: dict[str, NodeFacts] = {}
+        # UIDs of removed nodes: a node re-created under the same name is a new machine.
+        self._tombstones: dict[str, str] = {}
         self._synced = False
         self._subscribers: list[Callable[[NodeChange], None]] = []
 
@@ -106,14 +108,20 @@ class NodeDirectory:
             old = self._nodes.get(facts.name)
             if old == facts:
                 return
+            if old is None:
+                old_uid = self._tombstones.pop(facts.name, "")
+                old = NodeFacts(facts.name, uid=old_uid) if old_uid else None
             self._nodes[facts.name] = facts
             subscribers = list(self._subscribers)
         self._notify(subscribers, [NodeChange(facts.name, facts, _replaced(old, facts))])
 
     def remove(self, name: str) -> None:
         with self._lock:
-            if self._nodes.pop(name, None) is None:
+            old = self._nodes.pop(name, None)
+            if old is None:
                 return
+            if old.uid:
+                self._tombstones[name] = old.uid
             subscribers = list(self._subscribers)
         self._notify(subscribers, [NodeChange(name, None)])
 

@@ -12,6 +12,7 @@ import logging
 import random
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from kubernetes import client as k8s
@@ -27,14 +28,37 @@ _RETRYABLE = {409, 429, 500, 502, 503, 504}
 log = logging.getLogger(__name__)
 
 
+def api_client(kubeconfig: str | None) -> Any:
+    """A `kubernetes.client.ApiClient` from a kubeconfig file, or from the in-cluster service
+    account. One per process: the API wrappers (CoreV1Api, CoordinationV1Api, ...) share it."""
+    if kubeconfig:
+        return k8s_config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+    k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
+    return k8s.ApiClient()
+
+
 def core_api(kubeconfig: str | None) -> Any:
     """A CoreV1Api from a kubeconfig file, or from the in-cluster service account."""
-    if kubeconfig:
-        api_client = k8s_config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
-    else:
-        k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
-        api_client = k8s.ApiClient()
-    return k8s.CoreV1Api(api_client)
+    return k8s.CoreV1Api(api_client(kubeconfig))
+
+
+@dataclass(frozen=True)
+class KubernetesApis:
+    """The client objects the coordinator's Kubernetes adapters take, sharing one connection
+    pool, so that modules outside `coordinator.k8s_*` never import the client themselves."""
+
+    client: Any
+    """`kubernetes.client.ApiClient`, for `LeaderElection`."""
+    core: Any
+    """`CoreV1Api`, for the labeler, `NodeWatch`, `KubernetesEventSink` and
+    `KubernetesCredentialsProvider`."""
+    custom: Any
+    """`CustomObjectsApi`, for `DatasetController`."""
+
+    @classmethod
+    def connect(cls, kubeconfig: str | None) -> KubernetesApis:
+        shared = api_client(kubeconfig)
+        return cls(shared, k8s.CoreV1Api(shared), k8s.CustomObjectsApi(shared))
 
 
 def _metadata(node: Any) -> tuple[dict[str, str], dict[str, str], str]:

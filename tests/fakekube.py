@@ -63,12 +63,20 @@ Faithful (mirrors kube-apiserver behaviour):
   and ``null`` fields are omitted from responses, as Go's ``omitempty`` does.
 * Validation of object metadata (names, label keys and values, annotation
   keys, finalizer names), node taints and lease durations.
+* Secrets: write-only ``stringData`` is folded into base64 ``data``; data keys
+  and base64 values are validated; ``type`` defaults to ``Opaque``.
+* Custom resources from a CustomResourceDefinition (`custom_resource`):
+  status subresource, ``metadata.generation`` bumped on changes outside
+  metadata and status, updates must carry a ``resourceVersion``, strategic
+  merge patch answers 415, unknown fields are pruned and objects validated
+  against the version's ``openAPIV3Schema`` (CEL rules are not evaluated).
 
 Not implemented (requests for these are refused or the feature is absent):
 
 * Server-side apply (``application/apply-patch+yaml``) answers 415;
-  ``managedFields`` are not maintained; ``metadata.generation`` is not set.
-* No schema: unknown fields are stored as sent rather than pruned, and
+  ``managedFields`` are not maintained; ``metadata.generation`` is set for
+  custom resources only.
+* No schema for built-in types: unknown fields are stored as sent rather than pruned, and
   timestamps are stored verbatim instead of being re-serialised.
   ``fieldValidation`` and ``fieldManager`` are ignored.
 * Namespaces are not objects: every namespace implicitly exists.
@@ -81,12 +89,15 @@ Not implemented (requests for these are refused or the feature is absent):
   (no ``timeoutSeconds``) is ``default_watch_timeout`` rather than the
   apiserver's randomised 30-60 minutes.
 * Only JSON: no protobuf, CBOR, YAML bodies or ``Table`` output. Graceful
-  deletion, owner-reference garbage collection, admission, RBAC, discovery
-  (only ``/version`` is served) and every other resource are absent.
+  deletion, owner-reference garbage collection, admission (so no
+  ValidatingAdmissionPolicy), RBAC, discovery (only ``/version`` is served),
+  CustomResourceDefinition objects themselves and every other resource are
+  absent.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import json
@@ -270,6 +281,11 @@ class ResourceType:
     defaulter: Callable[[Obj], None] | None = None
     validator: Callable[[Obj], list[FieldError]] | None = None
     normalizer: Callable[[Obj], None] | None = None
+    strategic_merge_patch: bool = True
+    """False for custom resources: the apiserver answers 415 to strategic merge patches."""
+    track_generation: bool = False
+    """Maintain ``metadata.generation``: 1 on create, +1 on every change outside metadata and
+    status (custom resources, and built-in types with a spec)."""
 
     @property
     def api_version(self) -> str:
@@ -469,7 +485,133 @@ EVENTS = ResourceType(
     },
 )
 
-DEFAULT_RESOURCES: tuple[ResourceType, ...] = (NODES, LEASES, EVENTS)
+_SECRET_KEY_RE = re.compile(r"^[-._a-zA-Z0-9]+$")
+
+
+def _normalize_secret(obj: Obj) -> None:
+    # The apiserver folds write-only stringData into data (base64) and never returns it.
+    string_data = obj.pop("stringData", None)
+    if isinstance(string_data, dict):
+        data = obj.setdefault("data", {})
+        if isinstance(data, dict):
+            for key, value in string_data.items():
+                data[key] = base64.b64encode(str(value).encode("utf-8")).decode("ascii")
+    obj.setdefault("type", "Opaque")
+    if obj.get("data") == {}:
+        del obj["data"]
+
+
+def _validate_secret(obj: Obj) -> list[FieldError]:
+    errors: list[FieldError] = []
+    data = obj.get("data") or {}
+    if not isinstance(data, dict):
+        return [FieldError("data", "Invalid", "must be an object", data)]
+    for key, value in data.items():
+        if not _SECRET_KEY_RE.match(key) or len(key) > 253:
+            errors.append(
+                FieldError(
+                    f"data[{key}]",
+                    "Invalid",
+                    "a valid config key must consist of alphanumeric characters, '-', '_' or '.'"
+                    " (e.g. 'key.name',  or 'KEY_NAME',  or 'key-name', regex used for"
+                    " validation is '[-._a-zA-Z0-9]+')",
+                    key,
+                )
+            )
+        try:
+            base64.b64decode(str(value), validate=True)
+        except ValueError:
+            # encoding/json refuses to decode a []byte field from bad base64.
+            errors.append(FieldError(f"data[{key}]", "Invalid", "illegal base64 data", value))
+    return errors
+
+
+SECRETS = ResourceType(
+    group="",
+    version="v1",
+    plural="secrets",
+    kind="Secret",
+    namespaced=True,
+    list_merge_keys=_META_LIST_KEYS,
+    field_selectors={"type": _str_field("type")},
+    validator=_validate_secret,
+    normalizer=_normalize_secret,
+)
+
+DEFAULT_RESOURCES: tuple[ResourceType, ...] = (NODES, LEASES, EVENTS, SECRETS)
+
+
+def _spec_part(obj: Obj) -> Obj:
+    """What ``metadata.generation`` counts changes of: all but metadata and status."""
+    return {k: v for k, v in obj.items() if k not in ("metadata", "status", "apiVersion", "kind")}
+
+
+def _prune(value: Any, schema: Mapping[str, Any]) -> Any:
+    """Drop fields a structural schema does not declare, as the apiserver does for custom
+    resources (unless ``x-kubernetes-preserve-unknown-fields``)."""
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return value
+    if isinstance(value, dict):
+        properties = schema.get("properties")
+        extra = schema.get("additionalProperties")
+        if properties is not None:
+            return {k: _prune(v, properties[k]) for k, v in value.items() if k in properties}
+        if isinstance(extra, dict):
+            return {k: _prune(v, extra) for k, v in value.items()}
+        return value
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [_prune(v, schema["items"]) for v in value]
+    return value
+
+
+def custom_resource(crd: Mapping[str, Any], version: str | None = None) -> ResourceType:
+    """The `ResourceType` of a CustomResourceDefinition (as loaded from its YAML): served like
+    the apiserver serves custom resources: status subresource if declared,
+    ``metadata.generation``, no unconditional updates, no strategic merge patch, unknown fields
+    pruned and objects validated against the version's ``openAPIV3Schema`` (types, required,
+    enums, patterns, bounds; CEL ``x-kubernetes-validations`` rules are not evaluated).
+    """
+    import jsonschema  # type: ignore[import-untyped]  # only custom resources need it
+
+    spec = crd["spec"]
+    served = [v for v in spec["versions"] if v.get("served", True)]
+    chosen = next((v for v in served if version is None or v["name"] == version), None)
+    if chosen is None:
+        raise KeyError(f"CRD {crd['metadata']['name']} serves no version {version!r}")
+    schema: Mapping[str, Any] = (chosen.get("schema") or {}).get("openAPIV3Schema") or {}
+    checker = jsonschema.Draft7Validator(schema)
+
+    def normalize(obj: Obj) -> None:
+        metadata = obj.pop("metadata")
+        pruned = _prune(obj, schema)
+        obj.clear()
+        obj.update(pruned)
+        obj["metadata"] = metadata
+
+    def validate(obj: Obj) -> list[FieldError]:
+        errors = []
+        body = {k: v for k, v in obj.items() if k != "metadata"}
+        for error in sorted(checker.iter_errors(body), key=lambda e: list(e.absolute_path)):
+            path = ".".join(str(p) for p in error.absolute_path) or "<root>"
+            reason = "Required" if error.validator == "required" else "Invalid"
+            errors.append(FieldError(path, reason, error.message, error.instance))
+        return errors
+
+    names = spec["names"]
+    return ResourceType(
+        group=spec["group"],
+        version=chosen["name"],
+        plural=names["plural"],
+        kind=names["kind"],
+        namespaced=spec.get("scope", "Namespaced") == "Namespaced",
+        status_subresource="status" in (chosen.get("subresources") or {}),
+        allow_unconditional_update=False,
+        list_merge_keys=_META_LIST_KEYS,
+        normalizer=normalize,
+        validator=validate,
+        strategic_merge_patch=False,
+        track_generation=True,
+    )
 
 
 # --------------------------------------------------------------------------- validation
@@ -1263,7 +1405,7 @@ class FakeKubeAPI:
         self._history_limit = history_limit
         self._default_watch_timeout = default_watch_timeout
         self._conflicts: dict[tuple[str, str, str], int] = {}
-        self._failures: deque[int] = deque()
+        self._failures: deque[tuple[int, str | None]] = deque()
         self._requests: list[RecordedRequest] = []
         self._errors: list[str] = []
         self._watchers = 0
@@ -1393,12 +1535,13 @@ class FakeKubeAPI:
                 self._changed.wait(remaining)
             return True
 
-    def fail_next(self, n: int = 1, status: int = 500) -> None:
-        """Answer the next ``n`` authenticated requests with a ``status`` error."""
+    def fail_next(self, n: int = 1, status: int = 500, *, method: str | None = None) -> None:
+        """Answer the next ``n`` authenticated requests (with ``method``: the next ``n`` with
+        that HTTP method, e.g. ``"PATCH"``) with a ``status`` error."""
         if n < 0 or not 400 <= status <= 599:
             raise ValueError("n must be >= 0 and status a 4xx/5xx code")
         with self._lock:
-            self._failures.extend([status] * n)
+            self._failures.extend([(status, method)] * n)
 
     def inject_conflicts(
         self,
@@ -1487,12 +1630,16 @@ class FakeKubeAPI:
     def delete_node(self, name: str) -> None:
         self.delete_object("nodes", name)
 
-    def recreate_node(self, name: str) -> Obj:
+    def recreate_node(self, name: str, *, compact: bool = False) -> Obj:
         """Replace a node by a newly registered one: new uid, labels, annotations
         and taints cleared, same capacity and allocatable (same machine).
 
         Watchers see DELETED then ADDED, as when a node object is deleted and
         its kubelet registers again. Finalizers are bypassed. KeyError if missing.
+        With ``compact`` the watch history is forgotten in the same step (see
+        `compact_history`), so open watches see neither event but a 410, as a
+        watcher that was disconnected across the re-creation and an etcd
+        compaction would.
         """
         with self._changed:
             old = self._objects[NODES.key].get(("", name))
@@ -1503,7 +1650,11 @@ class FakeKubeAPI:
                 name, capacity=status.get("capacity"), allocatable=status.get("allocatable")
             )
             self._remove(NODES, old)
-            return copy.deepcopy(self._create(NODES, None, body, dry_run=False))
+            created = self._create(NODES, None, body, dry_run=False)
+            if compact:
+                self._history.clear()
+                self._history_floor = self._rv
+            return copy.deepcopy(created)
 
     # ----------------------------------------------------------------- internals (lock held)
 
@@ -1621,6 +1772,8 @@ class FakeKubeAPI:
             "managedFields",
         ):
             meta.pop(server_field, None)
+        if rt.track_generation:
+            meta["generation"] = 1
         obj = self._finish(rt, body)
         self._validate(rt, obj, None)
         key = _object_key(obj)
@@ -1703,7 +1856,15 @@ class FakeKubeAPI:
         *,
         dry_run: bool,
     ) -> Obj:
-        if content_type not in _PATCH_TYPES:
+        if content_type not in _PATCH_TYPES or (
+            content_type == STRATEGIC_MERGE_PATCH and not rt.strategic_merge_patch
+        ):
+            if not rt.strategic_merge_patch:
+                raise KubeError(
+                    415,
+                    "the body of the request was in an unknown format - accepted media types"
+                    f" include: {JSON_PATCH}, {MERGE_PATCH}, application/apply-patch+yaml",
+                )
             raise KubeError(
                 415,
                 "the body of the request was in an unknown format - accepted media types include:"
@@ -1794,6 +1955,11 @@ class FakeKubeAPI:
             else:
                 meta.pop(server_field, None)
         meta["resourceVersion"] = old_meta["resourceVersion"]
+        if rt.track_generation:
+            generation = int(old_meta.get("generation") or 1)
+            if not _json_equal(_spec_part(new), _spec_part(old)):
+                generation += 1
+            meta["generation"] = generation
         obj = self._finish(rt, new)
         self._validate(rt, obj, old)
         if _json_equal(obj, old):
@@ -1961,11 +2127,13 @@ class FakeKubeAPI:
         with self._lock:
             self._requests.append(RecordedRequest(method, path, content_type))
 
-    def _take_failure(self) -> None:
+    def _take_failure(self, method: str) -> None:
         with self._lock:
-            if not self._failures:
+            chosen = next((f for f in self._failures if f[1] is None or f[1] == method), None)
+            if chosen is None:
                 return
-            status = self._failures.popleft()
+            self._failures.remove(chosen)
+            status = chosen[0]
         headers = {"Retry-After": "1"} if status == 429 else None
         details = {"retryAfterSeconds": 1} if status == 429 else None
         message = (
@@ -2096,7 +2264,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             try:
                 self._authenticate()
-                fake._take_failure()
+                fake._take_failure(method)
                 self._handle(method, split.path, query, content_type, body)
             except KubeError as exc:
                 self._send_json(exc.code, exc.status(), exc.headers)

@@ -897,3 +897,34 @@ def test_inject_conflicts_counts_down(fake: FakeKubeAPI, v1: Any) -> None:
     fake.inject_conflicts(name="n", count=3)
     node = retry(lambda: v1.patch_node("n", {"metadata": {"labels": {"ok": "1"}}}), attempts=4)
     assert node.metadata.labels == {"ok": "1"}
+
+
+def test_secrets_fold_string_data_and_validate_base64(fake: FakeKubeAPI, v1: Any) -> None:
+    created = v1.create_namespaced_secret(
+        "datacache",
+        {"metadata": {"name": "s3"}, "stringData": {"AWS_ACCESS_KEY_ID": "AKIA"}},
+    )
+    assert created.data == {"AWS_ACCESS_KEY_ID": "QUtJQQ=="}
+    assert created.type == "Opaque"
+    stored = fake.get_object("secrets", "s3", "datacache")
+    assert stored is not None and "stringData" not in stored
+    with pytest.raises(ApiException) as bad:
+        v1.create_namespaced_secret(
+            "datacache", {"metadata": {"name": "bad"}, "data": {"k": "not base64!"}}
+        )
+    assert bad.value.status == 422
+    with pytest.raises(ApiException) as key:
+        v1.create_namespaced_secret(
+            "datacache", {"metadata": {"name": "bad"}, "stringData": {"a/b": "x"}}
+        )
+    assert key.value.status == 422
+
+
+def test_recreate_node_with_compaction_expires_open_watches(fake: FakeKubeAPI, v1: Any) -> None:
+    fake.add_node("n1")
+    version = v1.list_node().metadata.resource_version
+    fake.recreate_node("n1", compact=True)
+    stream = new_watch().stream(v1.list_node, resource_version=version, timeout_seconds=5)
+    with pytest.raises(ApiException) as gone:
+        list(stream)
+    assert gone.value.status == 410

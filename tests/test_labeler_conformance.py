@@ -102,3 +102,26 @@ def test_kubernetes_missing_node(k8s: tuple[FakeKubeAPI, KubernetesNodeLabeler])
     with pytest.raises(NodeMissing, match="node-9"):
         asyncio.run(labeler.set_labels("node-9", {KEY_A: "ready"}))
     assert asyncio.run(labeler.get_labels("node-9")) == {}
+
+
+def test_kubernetes_retries_a_failed_label_patch(
+    k8s: tuple[FakeKubeAPI, KubernetesNodeLabeler],
+) -> None:
+    fake, labeler = k8s
+    # The reads go through; the patch itself fails twice with 503.
+    fake.fail_next(2, 503, method="PATCH")
+    assert asyncio.run(labeler.set_labels("node-1", {KEY_A: "ready"}))
+    assert [r.method for r in fake.requests].count("PATCH") == 3
+    assert asyncio.run(labeler.get_labels("node-1")) == {KEY_A: "ready"}
+    node = fake.get_node("node-1")
+    assert node is not None and node["metadata"]["labels"]["team"] == "ml"
+
+
+def test_kubernetes_does_not_retry_a_forbidden_patch(
+    k8s: tuple[FakeKubeAPI, KubernetesNodeLabeler],
+) -> None:
+    fake, labeler = k8s
+    fake.fail_next(1, 403)
+    with pytest.raises(LabelerError, match="403"):
+        asyncio.run(labeler.set_labels("node-1", {KEY_A: "ready"}))
+    assert [r.method for r in fake.requests] == ["GET"]

@@ -11,17 +11,18 @@ import json
 import re
 import tomllib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
+import jsonschema  # type: ignore[import-untyped]
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
 from agent.__main__ import main as agent_main
 from coordinator.__main__ import main as coordinator_main
+from coordinator.labels import OWNED_LABELS_ANNOTATION, READY_VALUE, label_key
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
@@ -131,7 +132,15 @@ def test_validation_rejects_a_broken_manifest() -> None:
 
 
 def test_every_manifest_is_namespaced_in_datacache_or_cluster_scoped() -> None:
-    cluster_scoped = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PriorityClass"}
+    cluster_scoped = {
+        "Namespace",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "PriorityClass",
+        "CustomResourceDefinition",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    }
     for doc in all_docs():
         namespace = doc["metadata"].get("namespace")
         if doc["kind"] in cluster_scoped:
@@ -391,169 +400,6 @@ def test_optional_s3_settings_are_optional() -> None:
     assert endpoint["optional"] is True
 
 
-# --- 5. Dockerfiles ----------------------------------------------------------------------------
-
-
-@dataclass
-class Stage:
-    image: str
-    name: str | None
-    instructions: list[tuple[str, str]] = field(default_factory=list)
-
-    def last(self, keyword: str) -> str | None:
-        values = [args for key, args in self.instructions if key == keyword]
-        return values[-1] if values else None
-
-
-@dataclass
-class Dockerfile:
-    stages: list[Stage]
-    comments: list[str]
-
-
-def parse_dockerfile(path: Path) -> Dockerfile:
-    """Instructions (continuation lines joined) grouped by stage, and the comment lines."""
-    stages: list[Stage] = []
-    comments: list[str] = []
-    pending = ""
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if line.startswith("#"):
-            comments.append(line.lstrip("#").strip())
-            continue
-        if not line and not pending:
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        logical, pending = pending + line, ""
-        keyword, _, args = logical.partition(" ")
-        keyword, args = keyword.upper(), args.strip()
-        if keyword == "FROM":
-            parts = args.split()
-            name = parts[2] if len(parts) == 3 and parts[1].upper() == "AS" else None
-            stages.append(Stage(parts[0], name))
-        else:
-            assert stages, f"{path.name}: {keyword} before FROM"
-            stages[-1].instructions.append((keyword, args))
-    assert not pending, f"{path.name}: ends inside a continued line"
-    return Dockerfile(stages, comments)
-
-
-DOCKERFILES = {"agent": ROOT / "Dockerfile.agent", "coordinator": ROOT / "Dockerfile.coordinator"}
-PINNED = re.compile(r"^[\w./-]+(?::(?P<tag>[\w.-]+))?(?:@sha256:(?P<digest>[0-9a-f]{64}))?$")
-EXACT_VERSION_TAG = re.compile(r"^\d+\.\d+\.\d+(?:-[\w.-]+)?$")
-
-
-def is_pinned(image: str) -> bool:
-    match = PINNED.match(image)
-    if match is None:
-        return False
-    tag, digest = match.group("tag"), match.group("digest")
-    if tag is not None and "latest" in tag:
-        return False
-    return digest is not None or (tag is not None and EXACT_VERSION_TAG.match(tag) is not None)
-
-
-@pytest.mark.parametrize(
-    ("image", "pinned"),
-    [
-        ("python:3.11", False),
-        ("python:latest", False),
-        ("python", False),
-        ("python:3.11-slim-bookworm", False),
-        ("python:${PYTHON}", False),
-        ("python:3.11.16-slim-bookworm", True),
-        ("python:3.11-slim-bookworm@sha256:" + "ab" * 32, True),
-    ],
-)
-def test_pin_check(image: str, pinned: bool) -> None:
-    assert is_pinned(image) is pinned
-
-
-@pytest.mark.parametrize("component", sorted(DOCKERFILES))
-def test_dockerfile_bases_are_pinned_and_shared(component: str) -> None:
-    dockerfile = parse_dockerfile(DOCKERFILES[component])
-    stage_names = {s.name for s in dockerfile.stages if s.name}
-    external = [s.image for s in dockerfile.stages if s.image not in stage_names]
-    assert len(dockerfile.stages) >= 2, "multi-stage build expected"
-    for image in external:
-        assert is_pinned(image), f"{component}: FROM {image} is not pinned"
-    # The venv copied from the builder links to the base image's interpreter.
-    assert len(set(external)) == 1, f"{component}: stages use different bases {external}"
-
-
-def test_both_images_use_the_same_base() -> None:
-    bases = {parse_dockerfile(p).stages[-1].image for p in DOCKERFILES.values()}
-    assert len(bases) == 1, bases
-
-
-@pytest.mark.parametrize("component", sorted(DOCKERFILES))
-def test_dockerfile_entrypoint_is_the_console_script(component: str) -> None:
-    final = parse_dockerfile(DOCKERFILES[component]).stages[-1]
-    entrypoint = final.last("ENTRYPOINT")
-    assert entrypoint is not None
-    command = json.loads(entrypoint)
-    assert isinstance(command, list) and command, "exec-form ENTRYPOINT expected"
-    scripts: dict[str, str] = project()["scripts"]
-    assert command[0] in scripts, f"{command[0]} is not in [project.scripts]"
-    assert scripts[command[0]] == f"{component}.__main__:main"
-
-    env = " ".join(args for key, args in final.instructions if key == "ENV")
-    assert "PATH=/opt/venv/bin:$PATH" in env
-    assert "PYTHONUNBUFFERED=1" in env
-    copies = [args for key, args in final.instructions if key == "COPY"]
-    assert any(c.startswith("--from=") and c.endswith("/opt/venv /opt/venv") for c in copies)
-
-
-def _user_ids(user: str) -> tuple[int, int | None]:
-    match = re.fullmatch(r"(\d+)(?::(\d+))?", user)
-    assert match, f"USER {user} is not numeric"
-    uid, gid = match.groups()
-    return int(uid), None if gid is None else int(gid)
-
-
-def test_coordinator_image_runs_as_the_manifest_user() -> None:
-    final = parse_dockerfile(DOCKERFILES["coordinator"]).stages[-1]
-    user = final.last("USER")
-    assert user is not None, "coordinator final stage has no USER"
-    uid, gid = _user_ids(user)
-    assert uid != 0 and gid != 0
-    deployment = find("Deployment", "datacache-coordinator")
-    assert pod_spec(deployment)["securityContext"]["runAsUser"] == uid
-
-
-def test_agent_image_runs_as_root_and_says_why() -> None:
-    dockerfile = parse_dockerfile(DOCKERFILES["agent"])
-    user = dockerfile.stages[-1].last("USER")
-    assert user is None or _user_ids(user)[0] == 0
-    assert any("root" in c and "hostPath" in c for c in dockerfile.comments)
-    container = only_container(find("DaemonSet", "datacache-agent"))
-    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
-
-
-def test_build_context_holds_what_pip_install_needs() -> None:
-    lines = [
-        line.strip()
-        for line in (ROOT / ".dockerignore").read_text().splitlines()
-        if line.strip() and not line.startswith("#")
-    ]
-    assert lines[0] == "*", ".dockerignore is an allowlist"
-    allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-
-    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    needed = {"pyproject.toml", data["project"]["readme"]}
-    needed |= set(data["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"])
-    for component, path in DOCKERFILES.items():
-        builder = parse_dockerfile(path).stages[0]
-        copied: set[str] = set()
-        for key, args in builder.instructions:
-            if key == "COPY" and not args.startswith("--from="):
-                copied.update(p.rstrip("/") for p in args.split()[:-1])
-        assert needed <= copied, f"{component}: builder does not copy {needed - copied}"
-        assert copied <= allowed, f"{component}: .dockerignore excludes {copied - allowed}"
-
-
 # --- 6. environment variables and flags --------------------------------------------------------
 
 
@@ -617,3 +463,175 @@ def test_every_datacache_variable_in_the_manifests_is_a_flag() -> None:
             if arg.startswith("--"):
                 assert arg.split("=", 1)[0] in flags, f"{image}: unknown flag {arg}"
     assert checked >= 5
+
+
+# --- 7. the Dataset CRD and its examples -------------------------------------------------------
+
+EXAMPLES = MANIFESTS / "examples"
+
+
+def dataset_crd() -> Doc:
+    return find("CustomResourceDefinition", "datasets.datacache.io")
+
+
+def dataset_schema() -> Doc:
+    (version,) = dataset_crd()["spec"]["versions"]
+    schema: Doc = version["schema"]["openAPIV3Schema"]
+    return schema
+
+
+def example_docs() -> list[tuple[str, Doc]]:
+    return [(p.name, d) for p in sorted(EXAMPLES.glob("*.yaml")) for d in load(p)]
+
+
+def schema_errors(obj: Doc) -> list[str]:
+    validator = jsonschema.Draft7Validator(dataset_schema())
+    return [
+        f"{'.'.join(str(p) for p in e.absolute_path) or '<root>'}: {e.message}"
+        for e in validator.iter_errors(obj)
+    ]
+
+
+def test_crd_is_namespaced_v1alpha1_with_status_and_printer_columns() -> None:
+    crd = dataset_crd()
+    assert crd["spec"]["group"] == "datacache.io"
+    assert crd["spec"]["scope"] == "Namespaced"
+    assert crd["spec"]["names"]["kind"] == "Dataset"
+    (version,) = crd["spec"]["versions"]
+    assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
+    assert version["subresources"] == {"status": {}}
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert columns.keys() >= {"Source", "Replicas", "Phase", "Age"}
+    # Every printer column points at a field the schema declares.
+    for path in columns.values():
+        node: Doc = dataset_schema()
+        for part in path.strip(".").split("."):
+            if part in ("metadata",):
+                break
+            node = node["properties"][part]
+    spec = dataset_schema()["properties"]["spec"]["properties"]
+    assert spec.keys() >= {
+        "source",
+        "replicas",
+        "all",
+        "nodeSelector",
+        "tolerations",
+        "credentialsSecretRef",
+        "refreshPolicy",
+        "pin",
+    }
+    status = dataset_schema()["properties"]["status"]["properties"]
+    assert status.keys() >= {"phase", "version", "revision", "readyReplicas", "replicas"}
+    assert status.keys() >= {"conditions", "observedGeneration"}
+
+
+def test_example_dataset_matches_the_crd_schema() -> None:
+    datasets = [d for _, d in example_docs() if d["kind"] == "Dataset"]
+    assert datasets, "manifests/examples has no Dataset"
+    for doc in datasets:
+        assert doc["apiVersion"] == "datacache.io/v1alpha1"
+        assert schema_errors(doc) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "where"),
+    [
+        ({"replicas": 0}, "spec.replicas"),
+        ({"replicas": "two"}, "spec.replicas"),
+        ({"source": "ftp://host/x"}, "spec.source"),
+        ({"refreshPolicy": {"interval": "1 day"}}, "spec.refreshPolicy.interval"),
+        ({"tolerations": [{"operator": "Maybe"}]}, "spec.tolerations.0.operator"),
+        ({"credentialsSecretRef": {"name": "Not_A_Name"}}, "spec.credentialsSecretRef.name"),
+    ],
+)
+def test_crd_schema_rejects_bad_specs(change: Doc, where: str) -> None:
+    (example,) = [d for _, d in example_docs() if d["kind"] == "Dataset"]
+    bad = json.loads(json.dumps(example))
+    bad["spec"].update(change)
+    assert any(e.startswith(where) for e in schema_errors(bad)), schema_errors(bad)
+
+
+def test_example_job_requires_the_dataset_label() -> None:
+    (dataset,) = [d for _, d in example_docs() if d["kind"] == "Dataset"]
+    (job,) = [d for _, d in example_docs() if d["kind"] == "Job"]
+    kubernetes_validate.validate(job, KUBERNETES_VERSION, strict=True)
+    assert job["metadata"]["namespace"] == dataset["metadata"]["namespace"]
+    name = f"{dataset['metadata']['namespace']}/{dataset['metadata']['name']}"
+    terms = pod_spec(job)["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]["nodeSelectorTerms"]
+    expressions = [e for t in terms for e in t["matchExpressions"]]
+    assert {"key": label_key(name), "operator": "In", "values": [READY_VALUE]} in expressions
+    volume = pod_spec(job)["volumes"][0]["hostPath"]["path"]
+    assert volume == f"/var/lib/datacache/datasets/{name}/current"
+
+
+# --- 8. admission policy, dataset RBAC, agent probes -------------------------------------------
+
+COORDINATOR_USER = f"system:serviceaccount:{NAMESPACE}:{COORDINATOR_SA}"
+
+
+def test_admission_policy_fences_the_coordinators_node_writes() -> None:
+    policy = find("ValidatingAdmissionPolicy", "datacache-coordinator-node-labels")
+    binding = find("ValidatingAdmissionPolicyBinding", "datacache-coordinator-node-labels")
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    spec = policy["spec"]
+    assert spec["failurePolicy"] == "Fail"
+    (rule,) = spec["matchConstraints"]["resourceRules"]
+    assert rule["resources"] == ["nodes", "nodes/status"] and rule["operations"] == ["UPDATE"]
+    (condition,) = spec["matchConditions"]
+    assert f"'{COORDINATOR_USER}'" in condition["expression"]
+    variables = {v["name"]: v["expression"] for v in spec["variables"]}
+    # The policy's key prefix and annotation are the ones the coordinator writes.
+    assert variables["labelPrefix"] == repr(label_key("default/x").split("/")[0] + "/")
+    assert variables["ownedAnnotation"] == repr(OWNED_LABELS_ANNOTATION)
+    expressions = " ".join(v["expression"] for v in spec["validations"])
+    for needle in ("newLabels", "oldLabels", "newAnnotations", "object.spec == oldObject.spec"):
+        assert needle in expressions
+
+
+def test_coordinator_may_sync_datasets_and_read_its_secrets_only() -> None:
+    docs = all_docs()
+    cluster_rules = rules_bound_to(COORDINATOR_SA, docs, cluster_wide_only=True)
+    group = "datacache.io"
+    for verb in ("get", "list", "watch", "patch"):
+        assert any(grants(r, verb, group, "datasets") for r in cluster_rules), verb
+    assert any(grants(r, "update", group, "datasets/status") for r in cluster_rules)
+    assert any(grants(r, "update", group, "datasets/finalizers") for r in cluster_rules)
+    for verb in ("create", "delete"):
+        assert not any(grants(r, verb, group, "datasets") for r in cluster_rules), verb
+    # Secrets: get, in its own namespace only (a Role), never cluster-wide or list/watch.
+    assert not any(grants(r, "get", "", "secrets") for r in cluster_rules)
+    rules = rules_bound_to(COORDINATOR_SA, docs)
+    assert any(grants(r, "get", "", "secrets") for r in rules)
+    for verb in ("list", "watch", "create", "update", "patch", "delete"):
+        assert not any(grants(r, verb, "", "secrets") for r in rules), verb
+    assert not any(grants(r, "get", "", "secrets") for r in rules_bound_to(AGENT_SA, docs))
+
+
+def test_agent_probes_its_grpc_health_port() -> None:
+    container = only_container(find("DaemonSet", "datacache-agent"))
+    health_port = next(
+        p.default
+        for p in AGENT_RUN.params
+        if isinstance(p, click.Option) and p.name == "health_port"
+    )
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["health"] == health_port == 9402
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == health_port, probe
+
+
+def test_metrics_services_reach_every_pod() -> None:
+    for name, workload, port in (
+        ("datacache-agent-metrics", find("DaemonSet", "datacache-agent"), 9401),
+        ("datacache-coordinator-metrics", find("Deployment", "datacache-coordinator"), 9400),
+    ):
+        service = find("Service", name)
+        assert service["spec"]["clusterIP"] == "None"
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert service["spec"]["selector"].items() <= labels.items()
+        (entry,) = service["spec"]["ports"]
+        container_ports = {p["name"]: p["containerPort"] for p in only_container(workload)["ports"]}
+        assert container_ports[entry["targetPort"]] == entry["port"] == port
