@@ -36,10 +36,10 @@ class LocalNodeLabeler:
         self._store = store
 
     async def get_labels(self, node: str) -> dict[str, str]:
-        return self._store.local_labels().get(node, {})
+        return self._store.local_labels_of(node)
 
     async def set_labels(self, node: str, desired: Mapping[str, str]) -> bool:
-        if self._store.local_labels().get(node, {}) == dict(desired):
+        if self._store.local_labels_of(node) == dict(desired):
             return False
         self._store.set_local_labels(node, desired)
         return True

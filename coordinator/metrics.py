@@ -29,7 +29,8 @@ FETCHED_BYTES = Counter(
 )
 RECONCILE_PASSES = Counter(
     "datacache_coordinator_reconcile_passes",
-    "Reconcile passes (placement, labels, desired sets), by outcome.",
+    "Reconcile passes (placement, labels, desired sets), by outcome (ok, error; idle: nothing "
+    "changed, labels re-checked only).",
     ["outcome"],
     registry=REGISTRY,
 )
@@ -51,7 +52,7 @@ GRPC_REQUESTS = Counter(
     ["method", "code"],
     registry=REGISTRY,
 )
-for outcome in ("ok", "error"):
+for outcome in ("ok", "error", "idle"):
     RECONCILE_PASSES.labels(outcome)
 for outcome in ("applied", "failed", "node_missing"):
     LABEL_PATCHES.labels(outcome)

@@ -42,6 +42,39 @@ class CoordinatorSettings:
     port_file: Path | None = None
     """If set, the bound gRPC port is written here once the server is serving."""
 
+    tls_cert_file: Path | None = None
+    """PEM certificate (chain) the gRPC port serves TLS with; unset: plaintext. Re-read when it
+    changes (see docs/security.md)."""
+
+    tls_key_file: Path | None = None
+    """PEM private key of `tls_cert_file`."""
+
+    tls_client_ca_file: Path | None = None
+    """PEM CA bundle; if set, every caller must present a client certificate it signed, and an
+    agent's certificate must name its node (CN or DNS SAN). Needs `tls_cert_file`."""
+
+    api_token_file: Path | None = None
+    """File of bearer tokens, one per line (several for rotation); if set, DatasetService and
+    NodeService require `authorization: Bearer <token>`. Re-read when it changes."""
+
+    secrets_dir: Path | None = None
+    """Local mode: directory of credentials Secrets, `<dir>/<secret>/AWS_ACCESS_KEY_ID` etc.
+    (the layout of mounted Secrets); unset: datasets naming a credentials_secret are blocked."""
+
+    eviction_cooldown_seconds: float = 600.0
+    """A dataset evicted from a node for room is not placed back there for this long, seconds."""
+
+    watch_queue_size: int = 10_000
+    """Datasets with changes not yet sent to one WatchDatasets client (only the latest change
+    of each is kept); a client further behind is cut off with RESOURCE_EXHAUSTED and resumes
+    from its last resource version, datasets."""
+
+    watch_history_size: int = 10_000
+    """Dataset changes kept for WatchDatasets to resume from, changes."""
+
+    watch_history_seconds: float = 3600.0
+    """Longest time a dataset change is kept for WatchDatasets to resume from, seconds."""
+
     @property
     def heartbeat_seconds(self) -> float:
         """How often an idle desired-state stream is refreshed, seconds."""

@@ -1,23 +1,45 @@
-"""SQLite persistence for datasets, agents, assignments, replica reports and local labels.
+"""SQLite persistence for datasets, their versions and change history, agents, assignments,
+replica reports, evictions and local labels.
 
-Dataset definitions exist only here (back the file with a persistent volume); agents,
-assignments and replica states are rebuilt from agents' registrations and reports. SQLite in
-WAL mode with `synchronous=FULL` keeps it all across restarts. All statements run on the
-event-loop thread: they are sub-millisecond, and one connection keeps transactions simple.
+Dataset definitions, fixed versions and the change history exist only here (back the file with
+a persistent volume); agents, assignments and replica states are rebuilt from agents'
+registrations and reports. SQLite in WAL mode with `synchronous=FULL` keeps it all across
+restarts. All statements run on the event-loop thread: they are sub-millisecond, and one
+connection keeps transactions simple.
+
+The schema is versioned with `PRAGMA user_version`; opening an older database migrates it in
+place (datasets are kept), opening a newer one is refused.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any
 
-from coordinator.errors import AlreadyExists, FailedPrecondition, NotFound
-from coordinator.model import AgentRecord, DatasetRecord, ReplicaReport, ReplicaState
+from coordinator.errors import AlreadyExists, CoordinatorError, FailedPrecondition, NotFound
+from coordinator.model import (
+    AgentRecord,
+    Change,
+    DatasetRecord,
+    DatasetSpec,
+    ManifestRow,
+    ReplicaReport,
+    ReplicaState,
+    Toleration,
+    VersionRecord,
+)
 
-_SCHEMA = """
+SCHEMA_VERSION = 2
+
+# Version 1: the schema of the first release (no user_version was set then).
+_SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS datasets (
     name        TEXT PRIMARY KEY,
     source      TEXT NOT NULL,
@@ -61,31 +83,310 @@ CREATE TABLE IF NOT EXISTS local_labels (
 );
 """
 
+# Version 2: placement constraints, revisions, fixed versions, change history, richer reports,
+# node identity and eviction history.
+_MIGRATE_V2 = """
+ALTER TABLE datasets ADD COLUMN all_nodes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE datasets ADD COLUMN node_selector TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE datasets ADD COLUMN tolerations TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE datasets ADD COLUMN pin INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE datasets ADD COLUMN credentials_secret TEXT NOT NULL DEFAULT '';
+ALTER TABLE datasets ADD COLUMN revision INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE datasets ADD COLUMN resource_version INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE datasets ADD COLUMN update_time REAL NOT NULL DEFAULT 0;
+ALTER TABLE datasets ADD COLUMN status_hash TEXT NOT NULL DEFAULT '';
+UPDATE datasets SET update_time = create_time;
+ALTER TABLE agents ADD COLUMN node_uid TEXT NOT NULL DEFAULT '';
+ALTER TABLE agents ADD COLUMN node_labels TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE agents ADD COLUMN pressure_bytes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE agents ADD COLUMN agent_version TEXT NOT NULL DEFAULT '';
+ALTER TABLE replicas ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE replicas ADD COLUMN bytes_per_second REAL NOT NULL DEFAULT 0;
+ALTER TABLE replicas ADD COLUMN verification TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE replicas ADD COLUMN last_used_time REAL NOT NULL DEFAULT 0;
+ALTER TABLE replicas ADD COLUMN serving_version TEXT NOT NULL DEFAULT '';
+ALTER TABLE replicas ADD COLUMN disk_bytes INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX replicas_by_node ON replicas (node_name);
+CREATE INDEX assignments_by_node ON assignments (node_name);
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+-- Every dataset spec or status change, for WatchDatasets to resume from (bounded).
+CREATE TABLE changes (
+    resource_version INTEGER PRIMARY KEY,
+    dataset          TEXT NOT NULL,
+    kind             TEXT NOT NULL,
+    time             REAL NOT NULL
+);
+-- The version fixed for each (dataset, revision) and its manifest.
+CREATE TABLE versions (
+    dataset     TEXT NOT NULL,
+    revision    INTEGER NOT NULL,
+    version     TEXT NOT NULL,
+    files       INTEGER NOT NULL,
+    total_bytes INTEGER NOT NULL,
+    create_time REAL NOT NULL,
+    PRIMARY KEY (dataset, revision)
+);
+CREATE INDEX versions_by_digest ON versions (dataset, version);
+CREATE TABLE version_entries (
+    dataset   TEXT NOT NULL,
+    version   TEXT NOT NULL,
+    idx       INTEGER NOT NULL,
+    path      TEXT NOT NULL,
+    size      INTEGER NOT NULL,
+    etag      TEXT NOT NULL,
+    crc64nvme TEXT NOT NULL,
+    PRIMARY KEY (dataset, version, idx)
+) WITHOUT ROWID;
+-- Datasets evicted from a node for room, so placement does not put them straight back.
+CREATE TABLE evictions (
+    dataset   TEXT NOT NULL,
+    node_name TEXT NOT NULL,
+    time      REAL NOT NULL,
+    PRIMARY KEY (dataset, node_name)
+);
+"""
+
+_MIGRATIONS: dict[int, str] = {2: _MIGRATE_V2}
+
+_DATASET_COLUMNS = (
+    "name, source, replicas, create_time, deleting, all_nodes, node_selector, tolerations, pin,"
+    " credentials_secret, revision, resource_version, update_time"
+)
+_AGENT_COLUMNS = (
+    "node_name, cache_id, last_seen, capacity_bytes, free_bytes, node_uid, node_labels,"
+    " pressure_bytes, agent_version"
+)
+_REPLICA_COLUMNS = (
+    "dataset, node_name, state, digest, files_done, bytes_done, files_total, bytes_total,"
+    " message, update_time, revision, bytes_per_second, verification, last_used_time,"
+    " serving_version, disk_bytes"
+)
+_PRUNE_EVERY = 64
+
+
+@functools.lru_cache(maxsize=4096)
+def _json_map(text: str) -> Mapping[str, Any]:
+    """A read-only mapping from stored JSON; most rows share a few texts ('{}', a zone's
+    labels), so parsing them once matters when thousands of rows are read per pass."""
+    return MappingProxyType(json.loads(text))
+
+
+class StoreError(CoordinatorError):
+    """The database cannot be used (e.g. written by a newer coordinator)."""
+
+
+def _dataset(row: Sequence[Any]) -> DatasetRecord:
+    return DatasetRecord(
+        name=row[0],
+        source=row[1],
+        replicas=row[2],
+        create_time=row[3],
+        deleting=bool(row[4]),
+        all_nodes=bool(row[5]),
+        node_selector=_json_map(row[6]),
+        tolerations=tuple(Toleration(**t) for t in json.loads(row[7])),
+        pin=bool(row[8]),
+        credentials_secret=row[9],
+        revision=row[10],
+        resource_version=row[11],
+        update_time=row[12],
+    )
+
+
+def _agent(row: Sequence[Any]) -> AgentRecord:
+    return AgentRecord(
+        node_name=row[0],
+        cache_id=row[1],
+        last_seen=row[2],
+        capacity_bytes=row[3],
+        free_bytes=row[4],
+        node_uid=row[5],
+        node_labels=_json_map(row[6]),
+        pressure_bytes=row[7],
+        agent_version=row[8],
+    )
+
+
+def _replica(row: Sequence[Any]) -> ReplicaReport:
+    return ReplicaReport(
+        dataset=row[0],
+        node_name=row[1],
+        state=ReplicaState(row[2]),
+        digest=row[3],
+        files_done=row[4],
+        bytes_done=row[5],
+        files_total=row[6],
+        bytes_total=row[7],
+        message=row[8],
+        update_time=row[9],
+        revision=row[10],
+        bytes_per_second=row[11],
+        verification=_json_map(row[12]),
+        last_used_time=row[13],
+        serving_version=row[14],
+        disk_bytes=row[15],
+    )
+
+
+def _spec_values(spec: DatasetSpec) -> tuple[Any, ...]:
+    return (
+        spec.source,
+        spec.replicas,
+        int(spec.all_nodes),
+        json.dumps(dict(sorted(spec.node_selector.items()))),
+        json.dumps([t.__dict__ for t in spec.tolerations]),
+        int(spec.pin),
+        spec.credentials_secret,
+    )
+
 
 class Store:
-    def __init__(self, path: Path | str) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        history_size: int = 10_000,
+        history_seconds: float = 3600.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`history_size` and `history_seconds` bound the change history WatchDatasets resumes
+        from: at most that many changes, none older than that many seconds."""
         self._db = sqlite3.connect(str(path), isolation_level=None)
+        self._history_size = history_size
+        self._history_seconds = history_seconds
+        self._clock = clock
+        self._pending: list[Change] = []
+        self.listeners: list[Callable[[Change], None]] = []
+        """Called with every change once it is committed (WatchDatasets fans them out)."""
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        if self.schema_version() == SCHEMA_VERSION:
+            return  # the usual case (and every metrics scrape): no write at all
+        with self._transaction() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"database schema version {version} is newer than this coordinator's "
+                    f"({SCHEMA_VERSION}); run a newer coordinator or restore a backup"
+                )
+            if version == 0:
+                for statement in _SCHEMA_V1.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                version = 1
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[target].split(";\n"):
+                    if statement.strip():
+                        db.execute(statement)
+            # PRAGMA takes no bound parameters; the value is our own integer constant.
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def schema_version(self) -> int:
+        version: int = self._db.execute("PRAGMA user_version").fetchone()[0]
+        return version
 
     def close(self) -> None:
         self._db.close()
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
+    def _transaction(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """A write transaction. `durable=False` is for what agents report again anyway
+        (reports, leases, labels, status): its commit skips the fsync (WAL, synchronous=NORMAL)
+        and becomes durable with the next durable commit; a power loss can lose it, a crash
+        of the process cannot. Dataset specs and versions are always written durably."""
+        if not durable:
+            self._db.execute("PRAGMA synchronous=NORMAL")
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                self._pending.clear()
+                raise
+            self._db.execute("COMMIT")
+        finally:
+            if not durable:
+                self._db.execute("PRAGMA synchronous=FULL")
+        changes, self._pending = self._pending, []
+        for change in changes:
+            for listener in self.listeners:
+                listener(change)
+
+    # Change history -------------------------------------------------------------------------
+
+    def _meta(self, db: sqlite3.Connection, key: str) -> int:
+        row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def _set_meta(self, db: sqlite3.Connection, key: str, value: int) -> None:
+        db.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    def _bump(self, db: sqlite3.Connection, dataset: str, kind: str) -> int:
+        """Records a change of `dataset`; returns its resource version."""
+        now = self._clock()
+        rv = self._meta(db, "resource_version") + 1
+        self._set_meta(db, "resource_version", rv)
+        db.execute(
+            "INSERT INTO changes (resource_version, dataset, kind, time) VALUES (?, ?, ?, ?)",
+            (rv, dataset, kind, now),
+        )
+        self._pending.append(Change(rv, dataset, kind))
+        db.execute(
+            "UPDATE datasets SET resource_version = ?, update_time = ? WHERE name = ?",
+            (rv, now, dataset),
+        )
+        if rv % _PRUNE_EVERY == 0:
+            self._prune(db, rv, now)
+        return rv
+
+    def _prune(self, db: sqlite3.Connection, rv: int, now: float) -> None:
+        row = db.execute(
+            "SELECT MAX(resource_version) FROM changes WHERE resource_version <= ? OR time < ?",
+            (rv - self._history_size, now - self._history_seconds),
+        ).fetchone()
+        if row[0] is None:
+            return
+        floor = max(self._meta(db, "history_floor"), int(row[0]))
+        db.execute("DELETE FROM changes WHERE resource_version <= ?", (floor,))
+        self._set_meta(db, "history_floor", floor)
+
+    def prune_history(self) -> None:
+        """Applies the history bounds now (they are otherwise applied every few changes)."""
+        with self._transaction() as db:
+            self._prune(db, self._meta(db, "resource_version"), self._clock())
+
+    def resource_version(self) -> int:
+        """The resource version of the latest change."""
+        return self._meta(self._db, "resource_version")
+
+    def history_floor(self) -> int:
+        """Changes up to this resource version are forgotten; a watch can resume only from
+        this version or a later one."""
+        return self._meta(self._db, "history_floor")
+
+    def changes_since(self, resource_version: int) -> list[Change]:
+        rows = self._db.execute(
+            "SELECT resource_version, dataset, kind FROM changes WHERE resource_version > ?"
+            " ORDER BY resource_version",
+            (resource_version,),
+        ).fetchall()
+        return [Change(*r) for r in rows]
 
     # Datasets -------------------------------------------------------------------------------
 
-    def create_dataset(self, name: str, source: str, replicas: int) -> DatasetRecord:
+    def create_dataset(self, name: str, spec: DatasetSpec) -> DatasetRecord:
         with self._transaction() as db:
             row = db.execute("SELECT deleting FROM datasets WHERE name = ?", (name,)).fetchone()
             if row is not None:
@@ -93,100 +394,313 @@ class Store:
                     raise FailedPrecondition(
                         f"dataset {name!r} is still being deleted; retry once it is gone"
                     )
-                raise AlreadyExists(f"dataset {name!r} already exists")
-            record = DatasetRecord(name, source, replicas, time.time())
+                raise AlreadyExists(
+                    f"dataset {name!r} already exists; update it or choose another name"
+                )
+            now = self._clock()
             db.execute(
-                "INSERT INTO datasets (name, source, replicas, create_time) VALUES (?, ?, ?, ?)",
-                (record.name, record.source, record.replicas, record.create_time),
+                "INSERT INTO datasets (name, source, replicas, all_nodes, node_selector,"
+                " tolerations, pin, credentials_secret, create_time, update_time, revision)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)",
+                (name, *_spec_values(spec), now, now),
             )
-        return record
+            self._bump(db, name, "ADDED")
+        return self.get_dataset(name)
+
+    def find_dataset(self, name: str) -> DatasetRecord | None:
+        row = self._db.execute(
+            f"SELECT {_DATASET_COLUMNS} FROM datasets WHERE name = ?", (name,)
+        ).fetchone()
+        return _dataset(row) if row else None
 
     def get_dataset(self, name: str) -> DatasetRecord:
-        row = self._db.execute(
-            "SELECT name, source, replicas, create_time, deleting FROM datasets WHERE name = ?",
-            (name,),
-        ).fetchone()
-        if row is None:
-            raise NotFound(f"dataset {name!r} not found")
-        return DatasetRecord(row[0], row[1], row[2], row[3], bool(row[4]))
+        record = self.find_dataset(name)
+        if record is None:
+            raise NotFound(f"dataset {name!r} not found; list datasets to see the names")
+        return record
 
     def list_datasets(self, after: str = "", limit: int = -1) -> list[DatasetRecord]:
         rows = self._db.execute(
-            "SELECT name, source, replicas, create_time, deleting FROM datasets "
-            "WHERE name > ? ORDER BY name LIMIT ?",
+            f"SELECT {_DATASET_COLUMNS} FROM datasets WHERE name > ? ORDER BY name LIMIT ?",
             (after, limit),
         ).fetchall()
-        return [DatasetRecord(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
+        return [_dataset(r) for r in rows]
+
+    def _live_row(self, db: sqlite3.Connection, name: str) -> None:
+        row = db.execute("SELECT deleting FROM datasets WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"dataset {name!r} not found; list datasets to see the names")
+        if row[0]:
+            raise FailedPrecondition(f"dataset {name!r} is being deleted; it cannot change")
+
+    def update_dataset(self, name: str, spec: DatasetSpec, new_revision: bool) -> DatasetRecord:
+        """Writes a dataset's spec; `new_revision` starts a new revision (a fresh listing)."""
+        with self._transaction() as db:
+            self._live_row(db, name)
+            db.execute(
+                "UPDATE datasets SET source = ?, replicas = ?, all_nodes = ?, node_selector = ?,"
+                " tolerations = ?, pin = ?, credentials_secret = ?,"
+                " revision = revision + ? WHERE name = ?",
+                (*_spec_values(spec), int(new_revision), name),
+            )
+            self._bump(db, name, "MODIFIED")
+        return self.get_dataset(name)
 
     def update_replicas(self, name: str, replicas: int) -> DatasetRecord:
+        record = self.get_dataset(name)
+        return self.update_dataset(name, _spec_of(record, replicas=replicas), False)
+
+    def refresh_dataset(self, name: str) -> DatasetRecord:
         with self._transaction() as db:
-            row = db.execute("SELECT deleting FROM datasets WHERE name = ?", (name,)).fetchone()
-            if row is None:
-                raise NotFound(f"dataset {name!r} not found")
-            if row[0]:
-                raise FailedPrecondition(f"dataset {name!r} is being deleted")
-            db.execute("UPDATE datasets SET replicas = ? WHERE name = ?", (replicas, name))
+            self._live_row(db, name)
+            db.execute("UPDATE datasets SET revision = revision + 1 WHERE name = ?", (name,))
+            self._bump(db, name, "MODIFIED")
         return self.get_dataset(name)
 
     def mark_deleting(self, name: str) -> None:
         with self._transaction() as db:
-            cur = db.execute("UPDATE datasets SET deleting = 1 WHERE name = ?", (name,))
-            if cur.rowcount == 0:
-                raise NotFound(f"dataset {name!r} not found")
+            row = db.execute("SELECT deleting FROM datasets WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise NotFound(f"dataset {name!r} not found; list datasets to see the names")
+            if not row[0]:
+                db.execute("UPDATE datasets SET deleting = 1 WHERE name = ?", (name,))
+                self._bump(db, name, "MODIFIED")
 
     def purge_dataset(self, name: str) -> None:
-        """Forgets a dataset once no node holds it any more."""
+        """Forgets a dataset once no node holds it any more, leaving a tombstone in the
+        change history."""
         with self._transaction() as db:
             db.execute("DELETE FROM assignments WHERE dataset = ?", (name,))
             db.execute("DELETE FROM replicas WHERE dataset = ?", (name,))
-            db.execute("DELETE FROM datasets WHERE name = ?", (name,))
+            db.execute("DELETE FROM versions WHERE dataset = ?", (name,))
+            db.execute("DELETE FROM version_entries WHERE dataset = ?", (name,))
+            db.execute("DELETE FROM evictions WHERE dataset = ?", (name,))
+            cur = db.execute("DELETE FROM datasets WHERE name = ?", (name,))
+            if cur.rowcount:
+                self._bump(db, name, "DELETED")
+
+    def status_hashes(self) -> dict[str, str]:
+        return dict(self._db.execute("SELECT name, status_hash FROM datasets").fetchall())
+
+    def set_status_hashes(self, hashes: Mapping[str, str]) -> None:
+        """Records datasets' new status fingerprints, bumping the resource version of each
+        that changed, in one transaction."""
+        with self._transaction(durable=False) as db:
+            for name, status_hash in sorted(hashes.items()):
+                row = db.execute(
+                    "SELECT status_hash FROM datasets WHERE name = ?", (name,)
+                ).fetchone()
+                if row is None or row[0] == status_hash:
+                    continue
+                db.execute(
+                    "UPDATE datasets SET status_hash = ? WHERE name = ?", (status_hash, name)
+                )
+                self._bump(db, name, "MODIFIED")
+
+    # Versions -------------------------------------------------------------------------------
+
+    def fixed_version(self, dataset: str, revision: int) -> VersionRecord | None:
+        row = self._db.execute(
+            "SELECT dataset, revision, version, files, total_bytes, create_time FROM versions"
+            " WHERE dataset = ? AND revision = ?",
+            (dataset, revision),
+        ).fetchone()
+        return VersionRecord(*row) if row else None
+
+    def fixed_versions(self) -> dict[tuple[str, int], VersionRecord]:
+        rows = self._db.execute(
+            "SELECT dataset, revision, version, files, total_bytes, create_time FROM versions"
+        ).fetchall()
+        return {(r[0], r[1]): VersionRecord(*r) for r in rows}
+
+    def find_version(self, dataset: str, version: str) -> VersionRecord | None:
+        row = self._db.execute(
+            "SELECT dataset, revision, version, files, total_bytes, create_time FROM versions"
+            " WHERE dataset = ? AND version = ? ORDER BY revision DESC LIMIT 1",
+            (dataset, version),
+        ).fetchone()
+        return VersionRecord(*row) if row else None
+
+    def fix_version(
+        self, dataset: str, revision: int, version: str, entries: Sequence[ManifestRow]
+    ) -> tuple[VersionRecord, bool]:
+        """Fixes `version` for (dataset, revision) unless one is fixed already. Returns the
+        fixed version and whether this call fixed it. FAILED_PRECONDITION when the revision is
+        not the dataset's current one."""
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT revision, deleting FROM datasets WHERE name = ?", (dataset,)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"dataset {dataset!r} not found")
+            if row[1] or row[0] != revision:
+                raise FailedPrecondition(
+                    f"revision {revision} of dataset {dataset!r} is not current (current: "
+                    f"{row[0]}{', being deleted' if row[1] else ''}); fetch the current revision"
+                )
+            existing = self.fixed_version(dataset, revision)
+            if existing is not None:
+                return existing, False
+            known = db.execute(
+                "SELECT 1 FROM version_entries WHERE dataset = ? AND version = ? LIMIT 1",
+                (dataset, version),
+            ).fetchone()
+            if known is None:
+                db.executemany(
+                    "INSERT INTO version_entries (dataset, version, idx, path, size, etag,"
+                    " crc64nvme) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (dataset, version, i, e.path, e.size, e.etag, e.crc64nvme)
+                        for i, e in enumerate(entries)
+                    ],
+                )
+            record = VersionRecord(
+                dataset,
+                revision,
+                version,
+                len(entries),
+                sum(e.size for e in entries),
+                self._clock(),
+            )
+            db.execute(
+                "INSERT INTO versions (dataset, revision, version, files, total_bytes,"
+                " create_time) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    record.dataset,
+                    record.revision,
+                    record.version,
+                    record.files,
+                    record.total_bytes,
+                    record.create_time,
+                ),
+            )
+            # Keep the current and the previous revision's manifests; older ones are served by
+            # no node any more.
+            old = db.execute(
+                "SELECT version FROM versions WHERE dataset = ? AND revision < ?",
+                (dataset, revision - 1),
+            ).fetchall()
+            db.execute(
+                "DELETE FROM versions WHERE dataset = ? AND revision < ?", (dataset, revision - 1)
+            )
+            for (old_version,) in old:
+                if old_version != version and self.find_version(dataset, old_version) is None:
+                    db.execute(
+                        "DELETE FROM version_entries WHERE dataset = ? AND version = ?",
+                        (dataset, old_version),
+                    )
+            return record, True
+
+    def manifest_page(
+        self, dataset: str, version: str, start: int, limit: int
+    ) -> list[tuple[int, ManifestRow]]:
+        rows = self._db.execute(
+            "SELECT idx, path, size, etag, crc64nvme FROM version_entries"
+            " WHERE dataset = ? AND version = ? AND idx >= ? ORDER BY idx LIMIT ?",
+            (dataset, version, start, limit),
+        ).fetchall()
+        return [(r[0], ManifestRow(r[1], r[2], r[3], r[4])) for r in rows]
 
     # Agents ---------------------------------------------------------------------------------
 
     def upsert_agent(self, agent: AgentRecord) -> bool:
-        """Records an agent; returns True when the node's cache id changed (a new machine or a
-        wiped disk), in which case everything previously reported for the node is forgotten."""
-        with self._transaction() as db:
+        """Records an agent; returns True when the node's identity changed (another cache id:
+        a wiped disk; another node UID: a new machine under the same name). Then everything
+        reported for and assigned to the old node is forgotten: it is a new, empty node."""
+        with self._transaction(durable=False) as db:
             row = db.execute(
-                "SELECT cache_id FROM agents WHERE node_name = ?", (agent.node_name,)
+                "SELECT cache_id, node_uid FROM agents WHERE node_name = ?", (agent.node_name,)
             ).fetchone()
-            replaced = row is not None and row[0] != agent.cache_id
+            replaced = row is not None and (
+                row[0] != agent.cache_id
+                or (bool(row[1]) and bool(agent.node_uid) and row[1] != agent.node_uid)
+            )
             if replaced:
-                db.execute("DELETE FROM replicas WHERE node_name = ?", (agent.node_name,))
+                self._forget_node(db, agent.node_name, keep_agent=True)
             db.execute(
-                "INSERT INTO agents (node_name, cache_id, last_seen, capacity_bytes, free_bytes) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (node_name) DO UPDATE SET "
-                "cache_id = excluded.cache_id, last_seen = excluded.last_seen, "
-                "capacity_bytes = excluded.capacity_bytes, free_bytes = excluded.free_bytes",
+                f"INSERT INTO agents ({_AGENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (node_name) DO UPDATE SET cache_id = excluded.cache_id,"
+                " last_seen = excluded.last_seen, capacity_bytes = excluded.capacity_bytes,"
+                " free_bytes = excluded.free_bytes,"
+                " node_uid = CASE WHEN excluded.node_uid != '' THEN excluded.node_uid"
+                " ELSE node_uid END, node_labels = excluded.node_labels,"
+                " pressure_bytes = excluded.pressure_bytes,"
+                " agent_version = excluded.agent_version",
                 (
                     agent.node_name,
                     agent.cache_id,
                     agent.last_seen,
                     agent.capacity_bytes,
                     agent.free_bytes,
+                    agent.node_uid,
+                    json.dumps(dict(sorted(agent.node_labels.items()))),
+                    agent.pressure_bytes,
+                    agent.agent_version,
                 ),
             )
         return replaced
 
+    def renew_agent(
+        self,
+        node_name: str,
+        last_seen: float,
+        capacity_bytes: int,
+        free_bytes: int,
+        pressure_bytes: int,
+    ) -> None:
+        """A report's lease renewal: only the fields a report carries."""
+        with self._transaction(durable=False) as db:
+            db.execute(
+                "UPDATE agents SET last_seen = ?, capacity_bytes = ?, free_bytes = ?,"
+                " pressure_bytes = ? WHERE node_name = ?",
+                (last_seen, capacity_bytes, free_bytes, pressure_bytes, node_name),
+            )
+
+    def record_report(
+        self,
+        node_name: str,
+        last_seen: float,
+        capacity_bytes: int,
+        free_bytes: int,
+        pressure_bytes: int,
+        reports: Iterable[ReplicaReport],
+    ) -> None:
+        """A report in one (non-durable) transaction: the lease renewal and the node's full
+        actual state (datasets absent from `reports` are gone)."""
+        with self._transaction(durable=False) as db:
+            db.execute(
+                "UPDATE agents SET last_seen = ?, capacity_bytes = ?, free_bytes = ?,"
+                " pressure_bytes = ? WHERE node_name = ?",
+                (last_seen, capacity_bytes, free_bytes, pressure_bytes, node_name),
+            )
+            self._write_reports(db, node_name, reports)
+
     def get_agent(self, node_name: str) -> AgentRecord | None:
         row = self._db.execute(
-            "SELECT node_name, cache_id, last_seen, capacity_bytes, free_bytes FROM agents "
-            "WHERE node_name = ?",
-            (node_name,),
+            f"SELECT {_AGENT_COLUMNS} FROM agents WHERE node_name = ?", (node_name,)
         ).fetchone()
-        return AgentRecord(*row) if row else None
+        return _agent(row) if row else None
 
     def list_agents(self) -> list[AgentRecord]:
-        rows = self._db.execute(
-            "SELECT node_name, cache_id, last_seen, capacity_bytes, free_bytes FROM agents "
-            "ORDER BY node_name"
-        ).fetchall()
-        return [AgentRecord(*r) for r in rows]
+        rows = self._db.execute(f"SELECT {_AGENT_COLUMNS} FROM agents ORDER BY node_name")
+        return [_agent(r) for r in rows.fetchall()]
 
     def extend_all_leases(self, now: float) -> None:
         """Gives every known agent a fresh lease: after a coordinator restart, agents had no
         way to report, so their old timestamps say nothing about whether they are alive."""
         self._db.execute("UPDATE agents SET last_seen = MAX(last_seen, ?)", (now,))
+
+    def _forget_node(self, db: sqlite3.Connection, node: str, keep_agent: bool) -> None:
+        db.execute("DELETE FROM replicas WHERE node_name = ?", (node,))
+        db.execute("DELETE FROM assignments WHERE node_name = ?", (node,))
+        db.execute("DELETE FROM evictions WHERE node_name = ?", (node,))
+        if not keep_agent:
+            db.execute("DELETE FROM agents WHERE node_name = ?", (node,))
+
+    def forget_node(self, node: str) -> None:
+        """Drops a deleted or replaced node: its agent, reports, assignments and evictions."""
+        with self._transaction() as db:
+            self._forget_node(db, node, keep_agent=False)
 
     # Assignments ----------------------------------------------------------------------------
 
@@ -196,53 +710,93 @@ class Store:
             out.setdefault(dataset, set()).add(node)
         return {d: frozenset(n) for d, n in out.items()}
 
+    def assigned_nodes(self, dataset: str) -> frozenset[str]:
+        rows = self._db.execute(
+            "SELECT node_name FROM assignments WHERE dataset = ?", (dataset,)
+        ).fetchall()
+        return frozenset(r[0] for r in rows)
+
     def set_assignments(self, desired: Mapping[str, frozenset[str]]) -> None:
-        with self._transaction() as db:
-            db.execute("DELETE FROM assignments")
+        """Makes the assignments equal `desired`, writing only the difference."""
+        current = self.assignments()
+        wanted = {(d, n) for d, nodes in desired.items() for n in nodes}
+        present = {(d, n) for d, nodes in current.items() for n in nodes}
+        with self._transaction(durable=False) as db:
+            db.executemany(
+                "DELETE FROM assignments WHERE dataset = ? AND node_name = ?",
+                sorted(present - wanted),
+            )
             db.executemany(
                 "INSERT INTO assignments (dataset, node_name) VALUES (?, ?)",
-                [(d, n) for d, nodes in desired.items() for n in sorted(nodes)],
+                sorted(wanted - present),
             )
 
     # Replica reports ------------------------------------------------------------------------
 
     def replace_reports(self, node_name: str, reports: Iterable[ReplicaReport]) -> None:
         """Stores a node's full actual state: datasets absent from `reports` are gone."""
-        with self._transaction() as db:
-            db.execute("DELETE FROM replicas WHERE node_name = ?", (node_name,))
-            db.executemany(
-                "INSERT INTO replicas (dataset, node_name, state, digest, files_done, bytes_done,"
-                " files_total, bytes_total, message, update_time)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        r.dataset,
-                        node_name,
-                        r.state.value,
-                        r.digest,
-                        r.files_done,
-                        r.bytes_done,
-                        r.files_total,
-                        r.bytes_total,
-                        r.message,
-                        r.update_time,
-                    )
-                    for r in reports
-                ],
-            )
+        with self._transaction(durable=False) as db:
+            self._write_reports(db, node_name, reports)
+
+    def _write_reports(
+        self, db: sqlite3.Connection, node_name: str, reports: Iterable[ReplicaReport]
+    ) -> None:
+        db.execute("DELETE FROM replicas WHERE node_name = ?", (node_name,))
+        db.executemany(
+            f"INSERT INTO replicas ({_REPLICA_COLUMNS})"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    r.dataset,
+                    node_name,
+                    r.state.value,
+                    r.digest,
+                    r.files_done,
+                    r.bytes_done,
+                    r.files_total,
+                    r.bytes_total,
+                    r.message,
+                    r.update_time,
+                    r.revision,
+                    r.bytes_per_second,
+                    json.dumps(dict(sorted(r.verification.items()))),
+                    r.last_used_time,
+                    r.serving_version,
+                    r.disk_bytes,
+                )
+                for r in reports
+            ],
+        )
 
     def reports(self, dataset: str | None = None, node: str | None = None) -> list[ReplicaReport]:
+        where: str = ""
+        args: tuple[str, ...] = ()
+        if dataset is not None:
+            where, args = "WHERE dataset = ?", (dataset,)
+        elif node is not None:
+            where, args = "WHERE node_name = ?", (node,)
         rows = self._db.execute(
-            "SELECT dataset, node_name, state, digest, files_done, bytes_done, files_total,"
-            " bytes_total, message, update_time FROM replicas"
-            " WHERE (?1 IS NULL OR dataset = ?1) AND (?2 IS NULL OR node_name = ?2)"
-            " ORDER BY dataset, node_name",
-            (dataset, node),
+            f"SELECT {_REPLICA_COLUMNS} FROM replicas {where} ORDER BY dataset, node_name", args
         ).fetchall()
-        return [
-            ReplicaReport(r[0], r[1], ReplicaState(r[2]), r[3], r[4], r[5], r[6], r[7], r[8], r[9])
-            for r in rows
-        ]
+        out = [_replica(r) for r in rows]
+        if dataset is not None and node is not None:
+            out = [r for r in out if r.node_name == node]
+        return out
+
+    # Evictions ------------------------------------------------------------------------------
+
+    def record_eviction(self, dataset: str, node: str, when: float) -> None:
+        self._db.execute(
+            "INSERT INTO evictions (dataset, node_name, time) VALUES (?, ?, ?)"
+            " ON CONFLICT (dataset, node_name) DO UPDATE SET time = excluded.time",
+            (dataset, node, when),
+        )
+
+    def evictions_since(self, since: float) -> frozenset[tuple[str, str]]:
+        """(dataset, node) pairs evicted at or after `since`; older entries are dropped."""
+        self._db.execute("DELETE FROM evictions WHERE time < ?", (since,))
+        rows = self._db.execute("SELECT dataset, node_name FROM evictions").fetchall()
+        return frozenset((r[0], r[1]) for r in rows)
 
     # Local labels ---------------------------------------------------------------------------
 
@@ -254,10 +808,35 @@ class Store:
             out.setdefault(node, {})[key] = value
         return out
 
+    def local_labels_of(self, node_name: str) -> dict[str, str]:
+        rows = self._db.execute(
+            "SELECT key, value FROM local_labels WHERE node_name = ? ORDER BY key", (node_name,)
+        ).fetchall()
+        return dict(rows)
+
     def set_local_labels(self, node_name: str, labels: Mapping[str, str]) -> None:
-        with self._transaction() as db:
+        with self._transaction(durable=False) as db:
             db.execute("DELETE FROM local_labels WHERE node_name = ?", (node_name,))
             db.executemany(
                 "INSERT INTO local_labels (node_name, key, value) VALUES (?, ?, ?)",
                 [(node_name, k, v) for k, v in sorted(labels.items())],
             )
+
+
+def _spec_of(record: DatasetRecord, **changes: Any) -> DatasetSpec:
+    values: dict[str, Any] = {
+        "source": record.source,
+        "replicas": record.replicas,
+        "all_nodes": record.all_nodes,
+        "node_selector": record.node_selector,
+        "tolerations": record.tolerations,
+        "pin": record.pin,
+        "credentials_secret": record.credentials_secret,
+    }
+    values.update(changes)
+    return DatasetSpec(**values)
+
+
+def spec_of(record: DatasetRecord) -> DatasetSpec:
+    """The changeable fields of a stored dataset."""
+    return _spec_of(record)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -124,7 +125,9 @@ def test_dataset_is_replicated_labelled_and_deleted(cluster: LocalCluster) -> No
         text=True,
         check=True,
     )
-    assert cli.stdout.count("Ready") == 2
+    rows = [line.split() for line in cli.stdout.splitlines() if line.startswith("node-")]
+    assert sorted(row[0] for row in rows if row[1] == "Ready") == sorted(holders)
+    assert "Phase:       Ready" in cli.stdout
     listing = subprocess.run(
         ["datacache", f"--coordinator={cluster.coordinator_address}", "nodes"],
         capture_output=True,
@@ -364,3 +367,43 @@ def test_scale_affinity_and_lease_expiry(cluster: LocalCluster) -> None:
         "the extra copy to be deleted",
     )
     assert (cluster.cache_dir(kept) / "datasets" / "default" / "scale" / "current").exists()
+
+
+def test_wiped_cache_is_a_new_node_that_starts_empty(cluster: LocalCluster) -> None:
+    """An agent that comes back with an empty cache directory (a new cache id) is a new node:
+    the coordinator forgets the old copy and its label at once, then the copy is fetched and
+    labelled again. The same identity coming back (test_agent_restart_keeps_verified_copy)
+    keeps everything instead."""
+    upload_dataset(cluster, "e2e-wiped", "data/")
+    start(cluster, 1)
+    create(cluster, "wiped", "s3://e2e-wiped/data/", replicas=1)
+    wait_until(lambda: ready_nodes(cluster, "wiped") == {"node-1"}, 60, "Ready replica")
+    key = "dataset.datacache.io/default.wiped"
+    wait_until(lambda: key in node_labels(cluster).get("node-1", {}), 20, "the label")
+
+    cluster.agents["node-1"].kill()
+    shutil.rmtree(cluster.cache_dir("node-1"))
+    log_start = len(cluster.coordinator.log_path.read_text().splitlines())
+    cluster.start_agent("node-1")
+
+    def messages() -> list[str]:
+        lines = cluster.coordinator.log_path.read_text().splitlines()[log_start:]
+        records = [json.loads(line) for line in lines]
+        return [r["msg"] for r in records if r.get("node") == "node-1"]
+
+    def relabelled() -> bool:
+        seen = messages()
+        replaced = [i for i, m in enumerate(seen) if "replacing the previous node" in m]
+        if not replaced:
+            return False
+        # The old copy's label went before the new copy's came.
+        after = seen[replaced[0] :]
+        if "Labels of node updated: []" not in after:
+            return False
+        removed = after.index("Labels of node updated: []")
+        return any(m.startswith("Labels of node updated: ['") for m in after[removed:])
+
+    wait_until(relabelled, 60, "the label removed, then set again for the new copy")
+    assert ready_nodes(cluster, "wiped") == {"node-1"}
+    current = cluster.cache_dir("node-1") / "datasets" / "default" / "wiped" / "current"
+    assert current.exists()
