@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -20,11 +22,16 @@ import click
 import prometheus_client
 
 from agent import metrics
+from agent.channel import TlsConfigError
+from agent.channel import check as check_tls
+from agent.credentials import DatasetSources
 from agent.errors import AgentError
 from agent.fetch import FetchSettings, Progress, fetch_into, plan
+from agent.health import HealthServer
+from agent.index import CacheIndex
 from agent.manifest import Manifest
 from agent.runner import Agent
-from agent.settings import AgentSettings
+from agent.settings import AgentSettings, TlsSettings
 from agent.sources import SourceOpener
 from agent.sources.nfs import NfsSettings
 from agent.sources.s3 import S3Settings
@@ -135,6 +142,44 @@ def _node_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
         raise click.BadParameter(str(exc)) from exc
 
 
+_LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+class NodeLabel(click.ParamType[tuple[str, str]]):
+    """KEY=VALUE, a Kubernetes label; the environment variable holds several, comma-separated."""
+
+    name = "KEY=VALUE"
+    envvar_list_splitter = ","
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[str, str]:
+        if isinstance(value, tuple):
+            return value
+        key, sep, label_value = str(value).strip().partition("=")
+        prefix, slash, name = key.rpartition("/")
+        if not sep:
+            self.fail(f"{value!r} is not KEY=VALUE", param, ctx)
+        if not _LABEL_NAME.fullmatch(name) or (
+            slash and (len(prefix) > 253 or not _DNS_SUBDOMAIN.fullmatch(prefix))
+        ):
+            self.fail(
+                f"{key!r} is not a Kubernetes label key: an optional DNS subdomain prefix and "
+                "'/', then at most 63 letters, digits, '-', '_' or '.', alphanumeric at both ends",
+                param,
+                ctx,
+            )
+        if label_value and not _LABEL_NAME.fullmatch(label_value):
+            self.fail(
+                f"{label_value!r} (for {key}) is not a label value: at most 63 letters, digits, "
+                "'-', '_' or '.', alphanumeric at both ends",
+                param,
+                ctx,
+            )
+        return key, label_value
+
+
 @click.group(context_settings={"show_default": True})
 @click.version_option(__version__, prog_name="datacache-agent")
 def main() -> None:
@@ -192,13 +237,87 @@ def main() -> None:
     default=50 * 1024 * 1024,
     help="Scrub read rate (bytes/s).",
 )
+@option("node-uid", default="", help="This node's Kubernetes UID (part of the agent's identity).")
+@click.option(
+    "--node-label",
+    "node_labels",
+    envvar="DATACACHE_NODE_LABELS",
+    show_envvar=True,
+    multiple=True,
+    type=NodeLabel(),
+    help="A node label for the coordinator in local mode (repeatable; the environment "
+    "variable takes a comma-separated list), e.g. topology.kubernetes.io/zone=a.",
+)
+@option(
+    "cache-quota-bytes",
+    type=click.IntRange(0),
+    default=0,
+    help="Most bytes the cache may hold; 0: the filesystem's size.",
+)
+@option(
+    "health-port",
+    type=click.IntRange(0, 65535),
+    default=9402,
+    help="Serve gRPC health (grpc.health.v1) on this port (0: off).",
+)
+@option(
+    "health-address",
+    default="0.0.0.0",  # noqa: S104 - the kubelet probes the pod from outside
+    help="Address for the health service.",
+)
+@option(
+    "tls-ca-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="CA bundle (PEM) checking the coordinator's certificate; unset: plaintext.",
+)
+@option(
+    "tls-cert-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Client certificate (PEM) naming this node, for mTLS.",
+)
+@option(
+    "tls-key-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Private key (PEM) of --tls-cert-file.",
+)
+@option(
+    "last-use-interval-seconds",
+    type=click.FloatRange(0),
+    default=60.0,
+    help="Time between samplings of files' access times for last use (s); 0 disables it.",
+)
+@option(
+    "tls-server-name",
+    default=None,
+    help="Name the coordinator's certificate must carry, when the address is not one it names.",
+)
 @transfer_options
 def run(**kwargs: Any) -> None:
     """Run the agent for one node: register with the coordinator and keep its datasets."""
     logs.configure(kwargs["log_level"], kwargs["log_format"], node=kwargs["node_name"])
+    tls = TlsSettings(
+        kwargs["tls_ca_file"],
+        kwargs["tls_cert_file"],
+        kwargs["tls_key_file"],
+        kwargs["tls_server_name"],
+    )
+    try:
+        check_tls(kwargs["coordinator"], tls)
+    except TlsConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
     settings = AgentSettings(
         node_name=kwargs["node_name"],
+        node_uid=kwargs["node_uid"],
+        node_labels=tuple(kwargs["node_labels"]),
         coordinator=kwargs["coordinator"],
+        cache_quota_bytes=kwargs["cache_quota_bytes"],
+        tls=tls,
+        health_port=kwargs["health_port"],
+        health_address=kwargs["health_address"],
+        last_use_interval_seconds=kwargs["last_use_interval_seconds"],
         cache_dir=kwargs["cache_dir"],
         fetch=_fetch_settings(kwargs),
         s3=_s3_settings(kwargs),
@@ -208,7 +327,7 @@ def run(**kwargs: Any) -> None:
         scrub_interval_seconds=kwargs["scrub_interval_seconds"],
         scrub_bytes_per_second=kwargs["scrub_bytes_per_second"],
     )
-    opener = SourceOpener(settings.s3, settings.nfs)
+    sources = DatasetSources(SourceOpener(settings.s3, settings.nfs), settings.s3)
     if kwargs["metrics_port"]:
         prometheus_client.start_http_server(
             kwargs["metrics_port"], kwargs["metrics_address"], registry=metrics.REGISTRY
@@ -219,10 +338,34 @@ def run(**kwargs: Any) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        agent = Agent(settings, CacheStore(settings.cache_dir), opener.open)
-        await agent.run(stop)
+        health = await _start_health(settings)
+        store = CacheStore(settings.cache_dir)
+        agent = Agent(settings, store, sources.open, CacheIndex.open(store.root), health)
+        try:
+            await agent.run(stop)
+        finally:
+            if health is not None:
+                await health.stop()
 
     asyncio.run(serve())
+
+
+async def _start_health(settings: AgentSettings) -> HealthServer | None:
+    if not settings.health_port:
+        return None
+    health = HealthServer()
+    try:
+        await health.start(settings.health_address, settings.health_port)
+    except RuntimeError as exc:
+        # Probes then fail and say so; the node's data stays served either way.
+        logging.getLogger("agent").error(
+            "Health service not started on %s:%d (%s): set --health-port to a free port",
+            settings.health_address,
+            settings.health_port,
+            exc,
+        )
+        return None
+    return health
 
 
 def _progress_printer(progress: Progress, done: threading.Event) -> threading.Thread:

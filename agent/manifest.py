@@ -1,13 +1,19 @@
 """A dataset version's manifest: every file with its size, source ETag, digest and how it was
 verified. The version's content digest is computed from the manifest, so two replicas with the
-same digest hold byte-identical files."""
+same digest hold byte-identical files.
+
+The digest is the coordinator's too (it checks offered manifests and hands the fixed one to
+other replicas), so both compute it with `datacache.versions.manifest_digest`;
+tests/test_agent_manifest.py pins the algorithm."""
 
 from __future__ import annotations
 
-import hashlib
 import json
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+
+from datacache.versions import manifest_digest
 
 FORMAT = 2
 
@@ -36,11 +42,10 @@ class FileEntry:
 
 
 def content_digest(files: Sequence[FileEntry]) -> str:
-    """'sha256:<hex>' over (path, size, CRC64) of every file, in path order."""
-    h = hashlib.sha256()
-    for entry in sorted(files, key=lambda f: f.path):
-        h.update(f"{entry.path}\x00{entry.size}\x00{entry.crc64nvme}\n".encode())
-    return "sha256:" + h.hexdigest()
+    """'sha256:<hex>' over (path, size, CRC64) of every file, in path order: the shared
+    `datacache.versions.manifest_digest`. The ETag and the verification method are not part of
+    it: equal digests mean equal bytes."""
+    return manifest_digest(files)
 
 
 @dataclass(frozen=True)
@@ -49,11 +54,26 @@ class Manifest:
     source: str
     digest: str
     files: tuple[FileEntry, ...]
+    revision: int = 0
+    """The dataset revision (the coordinator's counter of fresh listings) this copy belongs
+    to; 0 when copied without a coordinator. Not part of the digest: an unchanged source
+    gives the same version in every revision."""
+    published_at: float = 0.0
+    """When this copy was published, seconds since the epoch (0: unknown)."""
 
     @classmethod
-    def build(cls, dataset: str, source: str, files: Sequence[FileEntry]) -> Manifest:
+    def build(
+        cls, dataset: str, source: str, files: Sequence[FileEntry], revision: int = 0
+    ) -> Manifest:
         ordered = tuple(sorted(files, key=lambda f: f.path))
-        return cls(dataset, source, content_digest(ordered), ordered)
+        return cls(dataset, source, content_digest(ordered), ordered, revision)
+
+    def with_revision(self, revision: int, published_at: float) -> Manifest:
+        return replace(self, revision=revision, published_at=published_at)
+
+    def verification(self) -> dict[str, int]:
+        """How many files each verification method covered."""
+        return dict(Counter(f.verified for f in self.files))
 
     @property
     def version(self) -> str:
@@ -71,6 +91,8 @@ class Manifest:
                 "dataset": self.dataset,
                 "source": self.source,
                 "digest": self.digest,
+                "revision": self.revision,
+                "published_at": self.published_at,
                 "files": [asdict(f) for f in self.files],
             },
             separators=(",", ":"),
@@ -83,7 +105,14 @@ class Manifest:
         if data.get("format") != FORMAT:
             raise ValueError(f"unknown manifest format {data.get('format')!r}")
         files = tuple(FileEntry(**f) for f in data["files"])
-        manifest = cls(data["dataset"], data["source"], data["digest"], files)
+        manifest = cls(
+            data["dataset"],
+            data["source"],
+            data["digest"],
+            files,
+            int(data.get("revision", 0)),
+            float(data.get("published_at", 0.0)),
+        )
         if content_digest(files) != manifest.digest:
             raise ValueError("manifest digest does not match its file list")
         return manifest

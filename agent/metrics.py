@@ -62,12 +62,12 @@ CACHE_USED = Gauge(
 )
 CACHE_CAPACITY = Gauge(
     "datacache_agent_cache_capacity_bytes",
-    "Size of the filesystem holding the cache.",
+    "What the cache may hold: its quota, or the size of the filesystem holding it.",
     registry=REGISTRY,
 )
 CACHE_FREE = Gauge(
     "datacache_agent_cache_free_bytes",
-    "Free bytes on the filesystem holding the cache.",
+    "Bytes the cache may still take: free space on its filesystem, within the quota.",
     registry=REGISTRY,
 )
 EVICTIONS = Counter(

@@ -12,15 +12,52 @@ from agent.sources.s3 import S3Settings
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    """TLS to the coordinator. No CA file: plaintext (local mode)."""
+
+    ca_file: Path | None = None
+    """PEM bundle of the CAs that sign the coordinator's certificate."""
+    cert_file: Path | None = None
+    """PEM client certificate naming this node (mTLS); with `key_file`."""
+    key_file: Path | None = None
+    """PEM private key of `cert_file`."""
+    server_name: str | None = None
+    """Name to check the coordinator's certificate against when the address is not one it
+    names; None: the host of the address."""
+
+
+@dataclass(frozen=True)
 class AgentSettings:
     node_name: str
     """This node's name (in a cluster: `spec.nodeName` from the downward API)."""
+
+    node_uid: str = ""
+    """Kubernetes Node UID (downward API cannot give it; empty when unknown)."""
+
+    node_labels: tuple[tuple[str, str], ...] = ()
+    """Node labels (key, value) sent to the coordinator in local mode, e.g. the zone."""
 
     coordinator: str = "datacache-coordinator:7400"
     """Coordinator gRPC address, host:port."""
 
     cache_dir: Path = Path("/var/lib/datacache")
     """Cache root on the node's local disk."""
+
+    cache_quota_bytes: int = 0
+    """Most bytes the cache may hold (published versions and staging); 0: the whole
+    filesystem."""
+
+    tls: TlsSettings = field(default_factory=TlsSettings)
+
+    health_port: int = 9402
+    """Port of the gRPC health service (kubelet probes); 0: none."""
+
+    health_address: str = "0.0.0.0"  # noqa: S104 - probed by the kubelet from outside the pod
+    """Address the health service listens on."""
+
+    last_use_interval_seconds: float = 60.0
+    """Time between two samplings of the files' access times, seconds; 0 disables it (last
+    use is then the publish time)."""
 
     fetch: FetchSettings = field(default_factory=FetchSettings)
     s3: S3Settings = field(default_factory=S3Settings)

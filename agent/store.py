@@ -8,6 +8,7 @@ Layout under the cache root:
     datasets/<dataset>/<version>/     published, verified files of one version
     datasets/<dataset>/<version>.json its manifest (written after the files, before `current`)
     datasets/<dataset>/current        symlink to <version>: what pods read
+    index.sqlite                      the local index (`agent.index`), rebuilt from the above
 
 Publishing renames the staged directory into place, writes the manifest, then atomically
 replaces `current`, fsyncing each directory touched, so after a crash a dataset either has a
@@ -151,6 +152,34 @@ class CacheStore:
             return None
         return manifest
 
+    def version_dir(self, manifest: Manifest) -> Path:
+        return self.dataset_dir(manifest.dataset) / manifest.version
+
+    def rewrite_manifest(self, manifest: Manifest) -> None:
+        """Replaces the manifest of a published version by one with the same files (a new
+        revision whose content did not change). The files and `current` stay as they are."""
+        directory = self.dataset_dir(manifest.dataset)
+        if not (directory / manifest.version).is_dir():
+            raise StoreError(f"{manifest.dataset}: version {manifest.version} is not on disk")
+        try:
+            _write_atomic(directory / f"{manifest.version}.json", manifest.to_json())
+        except OSError as exc:
+            raise StoreError(f"rewriting the manifest of {manifest.dataset}: {exc}") from exc
+
+    def staged_bytes(self, name: str | None = None) -> int:
+        """Bytes on disk of the copies of `name` in staging (all datasets' for None)."""
+        total = 0
+        for leftover in self.staging.iterdir():
+            if not leftover.is_dir():
+                continue
+            if name is not None and leftover.name.rsplit(".", 1)[0] != _flat(name):
+                continue
+            for dirpath, _, filenames in os.walk(leftover):
+                for filename in filenames:
+                    with contextlib.suppress(OSError):
+                        total += os.lstat(os.path.join(dirpath, filename)).st_blocks * 512
+        return total
+
     def staging_for(self, name: str, source: str) -> tuple[Path, Path]:
         """The staging directory and resume journal of copying `source` into dataset `name`:
         the same on every attempt, so an interrupted copy resumes where it stopped."""
@@ -219,5 +248,6 @@ class CacheStore:
             raise StoreError(f"could not remove {directory}")
 
     def usage(self) -> Usage:
+        """The filesystem's size and free space (see `agent.capacity` for the quota)."""
         total, _, free = shutil.disk_usage(self.root)
         return Usage(capacity_bytes=total, free_bytes=free)

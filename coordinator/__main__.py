@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -146,6 +147,57 @@ _DEFAULTS = CoordinatorSettings()
     help="Bearer tokens (one per line) required on DatasetService and NodeService.",
 )
 @click.option(
+    "--namespace",
+    default=_DEFAULTS.namespace,
+    show_envvar=True,
+    help="The coordinator's namespace (credentials Secrets, leader Lease).",
+)
+@click.option(
+    "--leader-elect/--no-leader-elect",
+    default=_DEFAULTS.leader_elect,
+    show_envvar=True,
+    help="Campaign for a Lease before acting (labeler=kubernetes).",
+)
+@click.option(
+    "--leader-election-name",
+    default=_DEFAULTS.leader_election_name,
+    show_envvar=True,
+    help="Name of the leader Lease.",
+)
+@click.option(
+    "--leader-election-identity",
+    default=None,
+    show_envvar=True,
+    help="This candidate's identity, e.g. the pod name (default: host name).",
+)
+@click.option(
+    "--dataset-controller/--no-dataset-controller",
+    default=_DEFAULTS.dataset_controller,
+    show_envvar=True,
+    help="Sync Dataset custom resources with the coordinator (labeler=kubernetes).",
+)
+@click.option(
+    "--webhook-port",
+    type=click.IntRange(0, 65535),
+    default=_DEFAULTS.webhook_port,
+    show_envvar=True,
+    help="HTTPS port of the pod admission webhook (0: off).",
+)
+@click.option(
+    "--webhook-cert-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    show_envvar=True,
+    help="PEM certificate of the webhook.",
+)
+@click.option(
+    "--webhook-key-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    show_envvar=True,
+    help="PEM key of the webhook certificate.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -158,52 +210,10 @@ _DEFAULTS = CoordinatorSettings()
     show_envvar=True,
     help="auto: text on a terminal, JSON lines otherwise.",
 )
-def main(
-    listen: str,
-    db_path: Path,
-    labeler: str,
-    kubeconfig: str | None,
-    lease_seconds: int,
-    reconcile_interval_seconds: float,
-    node_cache_dir: str,
-    metrics_port: int,
-    metrics_address: str,
-    port_file: Path | None,
-    secrets_dir: Path | None,
-    eviction_cooldown_seconds: float,
-    watch_queue_size: int,
-    watch_history_size: int,
-    watch_history_seconds: float,
-    tls_cert_file: Path | None,
-    tls_key_file: Path | None,
-    tls_client_ca_file: Path | None,
-    api_token_file: Path | None,
-    log_level: str,
-    log_format: logs.LogFormat,
-) -> None:
+def main(log_level: str, log_format: logs.LogFormat, **options: Any) -> None:
     """Run the datacache coordinator."""
     logs.configure(log_level, log_format)
-    settings = CoordinatorSettings(
-        listen=listen,
-        db_path=db_path,
-        labeler="kubernetes" if labeler == "kubernetes" else "local",
-        kubeconfig=kubeconfig,
-        lease_seconds=lease_seconds,
-        reconcile_interval_seconds=reconcile_interval_seconds,
-        node_cache_dir=node_cache_dir,
-        metrics_port=metrics_port,
-        metrics_address=metrics_address,
-        port_file=port_file,
-        secrets_dir=secrets_dir,
-        eviction_cooldown_seconds=eviction_cooldown_seconds,
-        watch_queue_size=watch_queue_size,
-        watch_history_size=watch_history_size,
-        watch_history_seconds=watch_history_seconds,
-        tls_cert_file=tls_cert_file,
-        tls_key_file=tls_key_file,
-        tls_client_ca_file=tls_client_ca_file,
-        api_token_file=api_token_file,
-    )
+    settings = CoordinatorSettings(**options)
     try:
         run(settings)
     except AuthConfigError as exc:

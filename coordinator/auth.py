@@ -269,7 +269,7 @@ def _replace_behavior(
     raise AssertionError("a method handler has one behaviour")
 
 
-def _rejecting(
+def rejecting(
     handler: grpc.RpcMethodHandler[Any, Any], code: grpc.StatusCode, message: str, method: str
 ) -> grpc.RpcMethodHandler[Any, Any]:
     async def reject(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -323,7 +323,7 @@ class AuthInterceptor(_Interceptor):
                     f"from the coordinator's API token file; the token was {why} "
                     "(CLI: --token-file or DATACACHE_TOKEN_FILE)"
                 )
-                return _rejecting(handler, grpc.StatusCode.UNAUTHENTICATED, message, method)
+                return rejecting(handler, grpc.StatusCode.UNAUTHENTICATED, message, method)
         if service == AGENT_SERVICE and self._check_agents:
             return _replace_behavior(handler, lambda k, b: self._agent_check(k, b, method))
         return handler

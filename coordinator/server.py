@@ -7,8 +7,13 @@ import contextlib
 import logging
 import os
 import signal
+import socket
+import sqlite3
+import threading
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import prometheus_client
@@ -16,7 +21,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from coordinator import auth, metrics
-from coordinator.cluster import DirectoryCredentialsProvider, LogEventSink, NodeDirectory
+from coordinator.cluster import (
+    CredentialsProvider,
+    DirectoryCredentialsProvider,
+    EventSink,
+    LogEventSink,
+    NodeDirectory,
+    NodeFacts,
+)
 from coordinator.labelers import LocalNodeLabeler, NodeLabeler
 from coordinator.reconciler import DesiredStateHub, Reconciler
 from coordinator.service import AgentService, DatasetService, NodeService
@@ -28,6 +40,11 @@ from datacache.v1 import datacache_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
+if TYPE_CHECKING:
+    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:  # Generic only in the type stubs.
+    _Interceptor = grpc.aio.ServerInterceptor
+
 # Bounded messages: a misbehaving client cannot make the server buffer without limit.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 SERVICE_NAMES = [
@@ -36,26 +53,76 @@ SERVICE_NAMES = [
 ]
 
 
-def start_node_watch(settings: CoordinatorSettings, directory: NodeDirectory) -> Any:
-    """In a cluster, a Node watch keeps `directory` current (placement reads node labels,
-    taints, cordons and UIDs from it); in local mode agents' registrations stand in."""
+@dataclass
+class ClusterParts:
+    """What the coordinator talks to around it: Kubernetes adapters in a cluster, local
+    stand-ins otherwise. `stoppers` end the adapters' threads on shutdown."""
+
+    labeler: NodeLabeler
+    events: EventSink
+    credentials: CredentialsProvider | None
+    apis: Any = None
+    stoppers: list[Callable[[], None]] = field(default_factory=list)
+
+
+def cluster_parts(
+    settings: CoordinatorSettings, store: Store, directory: NodeDirectory
+) -> ClusterParts:
     if settings.labeler != "kubernetes":
-        return None
-    from coordinator.k8s_labeler import core_api
+        local: CredentialsProvider | None = (
+            DirectoryCredentialsProvider(settings.secrets_dir) if settings.secrets_dir else None
+        )
+        return ClusterParts(LocalNodeLabeler(store), LogEventSink(), local)
+    # Imported here so local mode never needs the Kubernetes client or cluster credentials.
+    from coordinator.k8s_events import EventSettings, KubernetesEventSink
+    from coordinator.k8s_labeler import KubernetesApis, KubernetesNodeLabeler
     from coordinator.k8s_nodes import NodeWatch
+    from coordinator.k8s_secrets import KubernetesCredentialsProvider, SecretSettings
 
-    watch = NodeWatch(core_api(settings.kubeconfig), directory)
+    apis = KubernetesApis.connect(settings.kubeconfig)
+    # A Node watch keeps `directory` current: placement reads labels, taints, cordons and UIDs.
+    watch = NodeWatch(apis.core, directory)
     watch.start()
-    return watch
+    events = KubernetesEventSink(
+        apis.core,
+        EventSettings(reporting_instance=_identity(settings)),
+        node_uid=lambda node: (directory.get(node) or NodeFacts(node)).uid,
+    )
+    credentials = KubernetesCredentialsProvider(
+        apis.core, SecretSettings(namespace=settings.namespace)
+    )
+    return ClusterParts(KubernetesNodeLabeler(apis.core), events, credentials, apis, [watch.stop])
 
 
-def make_labeler(settings: CoordinatorSettings, store: Store) -> NodeLabeler:
-    if settings.labeler == "kubernetes":
-        # Imported here so local mode never needs cluster credentials.
-        from coordinator.k8s_labeler import KubernetesNodeLabeler, core_api
+def _identity(settings: CoordinatorSettings) -> str:
+    return settings.leader_election_identity or socket.gethostname()
 
-        return KubernetesNodeLabeler(core_api(settings.kubeconfig))
-    return LocalNodeLabeler(store)
+
+class LeaderGate(_Interceptor):
+    """While this coordinator is not the leader, the datacache services answer UNAVAILABLE so
+    callers retry and reach the leader; health and reflection stay open (readiness does not
+    depend on leadership)."""
+
+    def __init__(self) -> None:
+        self.leading = False
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if self.leading or handler is None or not method.startswith("/datacache.v1."):
+            return handler
+        return auth.rejecting(
+            handler,
+            grpc.StatusCode.UNAVAILABLE,
+            "this coordinator is not the leader; retry",
+            method,
+        )
 
 
 async def serve(settings: CoordinatorSettings, stop: asyncio.Event) -> None:
@@ -67,19 +134,17 @@ async def serve(settings: CoordinatorSettings, stop: asyncio.Event) -> None:
         history_seconds=settings.watch_history_seconds,
     )
     store.extend_all_leases(time.time())
-    labeler = make_labeler(settings, store)
     hub = DesiredStateHub()
     directory = NodeDirectory()
-    node_watch = start_node_watch(settings, directory)
+    parts = cluster_parts(settings, store, directory)
+    labeler = parts.labeler
     reconciler = Reconciler(
         store,
         labeler,
         hub,
         settings,
-        events=LogEventSink(),
-        credentials=(
-            DirectoryCredentialsProvider(settings.secrets_dir) if settings.secrets_dir else None
-        ),
+        events=parts.events,
+        credentials=parts.credentials,
         directory=directory,
     )
     feed = ChangeFeed(reconciler.render_name, settings.watch_queue_size)
@@ -96,8 +161,10 @@ async def serve(settings: CoordinatorSettings, stop: asyncio.Event) -> None:
         settings.tls_client_ca_file,
         settings.api_token_file,
     )
+    gate = LeaderGate()
+    gate.leading = not (settings.leader_elect and parts.apis is not None)
     server = grpc.aio.server(
-        interceptors=security.interceptors,
+        interceptors=[gate, *security.interceptors],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -126,6 +193,9 @@ async def serve(settings: CoordinatorSettings, stop: asyncio.Event) -> None:
         port = server.add_secure_port(settings.listen, security.credentials)
     else:
         port = server.add_insecure_port(settings.listen)
+    # In-process controllers (the Dataset controller) call the API like any client, over a
+    # loopback-only port: the main port may be bound elsewhere or need client certificates.
+    local_port = server.add_insecure_port("127.0.0.1:0") if settings.dataset_controller else 0
     await server.start()
     for name in SERVICE_NAMES:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -135,19 +205,105 @@ async def serve(settings: CoordinatorSettings, stop: asyncio.Event) -> None:
         tmp.write_text(f"{port}\n")
         os.replace(tmp, settings.port_file)
 
-    loop_task = asyncio.create_task(reconciler.run(), name="reconciler")
+    if settings.webhook_port:
+        parts.stoppers.append(_start_webhook(settings, store))
+
+    loop = asyncio.get_running_loop()
+    tasks: list[asyncio.Task[None]] = []
+
+    def start_leading() -> None:
+        log.info("Leading: reconciling and serving the API")
+        gate.leading = True
+        tasks.append(asyncio.create_task(reconciler.run(), name="reconciler"))
+        if settings.dataset_controller and parts.apis is not None:
+            parts.stoppers.append(_start_dataset_controller(settings, parts.apis, local_port))
+
+    def stop_leading() -> None:
+        # Another coordinator may act from now on: stop at once and start again as a follower.
+        log.warning("Lost the leader Lease; exiting")
+        gate.leading = False
+        stop.set()
+
+    election = None
+    if settings.leader_elect and parts.apis is not None:
+        from coordinator.k8s_leader import LeaderElection
+
+        election = LeaderElection(
+            parts.apis.client,
+            settings.namespace,
+            settings.leader_election_name,
+            _identity(settings),
+        )
+
+        def on_started() -> None:
+            loop.call_soon_threadsafe(start_leading)
+
+        def on_stopped() -> None:
+            loop.call_soon_threadsafe(stop_leading)
+
+        election.run_in_thread(on_started, on_stopped)
+    else:
+        start_leading()
     try:
         await stop.wait()
     finally:
         log.info("Coordinator shutting down")
         await health_servicer.enter_graceful_shutdown()
-        loop_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await loop_task
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await server.stop(grace=2)
-        if node_watch is not None:
-            await asyncio.to_thread(node_watch.stop)
+        if election is not None:
+            await asyncio.to_thread(election.stop)
+        for stopper in reversed(parts.stoppers):
+            await asyncio.to_thread(stopper)
         store.close()
+
+
+def _start_webhook(settings: CoordinatorSettings, store: Store) -> Callable[[], None]:
+    from coordinator.webhook import WebhookServer
+
+    if settings.webhook_cert_file is None or settings.webhook_key_file is None:
+        raise auth.AuthConfigError(
+            "--webhook-port needs --webhook-cert-file and --webhook-key-file (the API server "
+            "calls webhooks over HTTPS only)"
+        )
+    # The webhook answers from its own threads: each reads through its own connection.
+    local = threading.local()
+
+    def exists(name: str) -> bool:
+        if not hasattr(local, "db"):
+            local.db = sqlite3.connect(f"file:{settings.db_path}?mode=ro", uri=True)
+        row = local.db.execute("SELECT deleting FROM datasets WHERE name = ?", (name,)).fetchone()
+        return row is not None and not row[0]
+
+    host = settings.listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"  # noqa: S104
+    webhook = WebhookServer(
+        (host, settings.webhook_port),
+        settings.webhook_cert_file,
+        settings.webhook_key_file,
+        exists,
+        settings.node_cache_dir,
+    )
+    webhook.start()
+
+    return webhook.stop
+
+
+def _start_dataset_controller(
+    settings: CoordinatorSettings, apis: Any, port: int
+) -> Callable[[], None]:
+    from coordinator.k8s_datasets import DatasetController
+    from datacache.client import ClientSettings, sync_channel
+
+    # The controller is a client of this coordinator's public API, like any other controller.
+    channel = sync_channel(
+        ClientSettings(target=f"127.0.0.1:{port}", token_file=settings.api_token_file)
+    )
+    controller = DatasetController(apis.custom, channel)
+    controller.start()
+    return controller.stop
 
 
 def run(settings: CoordinatorSettings) -> None:

@@ -75,6 +75,32 @@ class CoordinatorSettings:
     watch_history_seconds: float = 3600.0
     """Longest time a dataset change is kept for WatchDatasets to resume from, seconds."""
 
+    namespace: str = "datacache"
+    """The coordinator's namespace: where credentials Secrets and the leader Lease live."""
+
+    leader_elect: bool = False
+    """Campaign for the Lease `leader_election_name` before acting (labeler=kubernetes only).
+    A follower stays Ready but answers API calls with UNAVAILABLE; a leader that loses the
+    Lease exits, to start again as a follower."""
+
+    leader_election_name: str = "datacache-coordinator"
+    """Name of the coordination.k8s.io Lease."""
+
+    leader_election_identity: str | None = None
+    """This candidate's identity (the pod name); unset: the host name."""
+
+    dataset_controller: bool = False
+    """Keep Dataset custom resources and the coordinator in sync (labeler=kubernetes only)."""
+
+    webhook_port: int = 0
+    """HTTPS port of the pod admission webhook; 0 disables it."""
+
+    webhook_cert_file: Path | None = None
+    """PEM certificate the webhook serves (re-read when it changes)."""
+
+    webhook_key_file: Path | None = None
+    """PEM private key of `webhook_cert_file`."""
+
     @property
     def heartbeat_seconds(self) -> float:
         """How often an idle desired-state stream is refreshed, seconds."""
