@@ -118,6 +118,7 @@ class LocalCluster:
         self._coordinator: Process | None = None
         self.coordinator_metrics_port = free_port()
         self.agent_metrics_ports: dict[str, int] = {}
+        self.agent_health_ports: dict[str, int] = {}
         self.client = ClientSettings()
         """How `channel()` dials the coordinator (TLS, token); the target is filled in."""
 
@@ -271,6 +272,8 @@ class LocalCluster:
             f"--s3-endpoint-url={self.s3_endpoint}",
             f"--metrics-port={self.agent_metrics_ports.setdefault(node, free_port())}",
             "--metrics-address=127.0.0.1",
+            f"--health-port={self.agent_health_ports.setdefault(node, free_port())}",
+            "--health-address=127.0.0.1",
             "--log-format=json",
             "--report-interval-seconds=1",
             "--retry-base-seconds=1",
