@@ -277,3 +277,21 @@ def test_rotated_certificate_is_served_to_new_connections(
     status, _, after = _post(server.port, ca, body)
     assert status == 200
     assert after.subject.rfc4514_string() == "CN=webhook-two"
+
+
+def test_example_configuration_matches_the_server() -> None:
+    import yaml
+
+    from coordinator.webhook import DATASET_ANNOTATION, PATH
+
+    docs = list(
+        yaml.safe_load_all(
+            (Path(__file__).parents[1] / "manifests/examples/webhook.yaml").read_text()
+        )
+    )
+    service, config = docs
+    (hook,) = config["webhooks"]
+    assert hook["clientConfig"]["service"]["name"] == service["metadata"]["name"]
+    assert hook["clientConfig"]["service"]["path"] == PATH
+    assert f"'{DATASET_ANNOTATION}'" in hook["matchConditions"][0]["expression"]
+    assert hook["rules"][0]["operations"] == ["CREATE"]
