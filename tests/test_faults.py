@@ -21,8 +21,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
-import botocore.config
 import pytest
 
 from agent.errors import VerificationError
@@ -31,7 +29,7 @@ from agent.journal import Journal
 from agent.journal import load as load_journal
 from agent.manifest import FileEntry
 from agent.sources import Source, SourceOpener
-from agent.sources.s3 import S3ObjectSource, S3Settings
+from agent.sources.s3 import S3ObjectSource, S3Settings, s3_client
 from datacache.localcluster import DEMO_CREDENTIALS, LocalCluster, wait_until
 from datacache.localcluster import s3_client as admin_client
 from datacache.validation import S3Source, parse_source
@@ -281,7 +279,7 @@ def test_resets_and_truncated_bodies_are_retried(
     # Each cut unit was read again: 2 whole files + 4 ranges, plus one GET per fault.
     get_requests = [r for r in proxy.requests if r.method == "GET" and "/ds/" in r.path]
     assert len(get_requests) == 6 + 5
-    # Cut bodies surface as transport errors the engine retries itself (botocore's own
+    # Cut bodies surface as transport errors the engine retries itself (the source's own
     # retries end when the headers arrive).
     assert progress.retries == 5
     assert progress.checksum_failures == 0
@@ -320,7 +318,7 @@ def test_agent_cli_completes_through_resets(
 # Throttling ----------------------------------------------------------------------------------
 
 
-def test_slowdown_is_retried_by_botocore(
+def test_slowdown_is_retried_by_the_source(
     s3_server: LocalCluster, bucket: str, proxy: FaultProxy, tmp_path: Path
 ) -> None:
     data = mixed_dataset()
@@ -337,7 +335,8 @@ def test_slowdown_is_retried_by_botocore(
     assert tree(tmp_path / "dest") == data
     assert {e.verified for e in entries} == {"crc32"}
     assert proxy.counts() == {"slowdown": 4}
-    # botocore retried each throttled request: the same request came again after the 503.
+    # The source retried each throttled request (with backoff): the same request came again
+    # after the 503.
     seen = proxy.requests
     for injected in proxy.injected:
         first = injected.request
@@ -355,26 +354,29 @@ def test_slowdown_is_retried_by_botocore(
 # Flipped bytes -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("implementation", ["fast", "boto3"])
 def test_flipped_byte_in_whole_object_get_is_detected_and_reread(
     s3_server: LocalCluster,
     bucket: str,
     proxy: FaultProxy,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
+    implementation: str,
 ) -> None:
-    """A whole-object GET asks for the stored checksum (ChecksumMode=ENABLED). SeaweedFS
-    returns the CRC32 boto3 sent with the upload, so botocore validates the body itself at its
-    end (FlexibleChecksumError, a transport error to the engine, which reads the file again).
-    Had botocore not checked, the engine's own CRC32 comparison would have failed the bytes
-    (a checksum failure, also read again). Either way the flip is detected and the copy is
-    exact."""
+    """A whole-object GET asks for the stored checksum (x-amz-checksum-mode). SeaweedFS
+    returns the CRC32 boto3 sent with the upload before the body: the agent's source hands it
+    to the engine, which computes the CRC32 as the bytes arrive and compares it (a checksum
+    failure: the file is read again). Through boto3, botocore validates the body itself at its
+    end (FlexibleChecksumError, also counted as a checksum failure). Either way the flip is
+    detected and the copy is exact."""
     data = {"small.bin": os.urandom(200_000)}
     uri = upload(s3_server, bucket, data)
     proxy.set_rules(
         [Rule(Fault("flip", offset=123_456), method="GET", path_contains="/ds/", limit=1)]
     )
     caplog.set_level(logging.INFO, logger="agent.fetch")
-    entries, progress = fetch(through(proxy, uri), tmp_path / "dest")
+    src = through(proxy, uri) if implementation == "fast" else boto3_source(proxy.url, uri)
+    entries, progress = fetch(src, tmp_path / "dest")
 
     assert tree(tmp_path / "dest") == data
     assert [e.verified for e in entries] == ["crc32"]
@@ -382,10 +384,9 @@ def test_flipped_byte_in_whole_object_get_is_detected_and_reread(
     assert len(gets(proxy, "small.bin")) == 2
     retried = [r.getMessage() for r in caplog.records if "Retrying" in r.getMessage()]
     assert len(retried) == 1
-    # Counted as a checksum failure whichever layer caught it: botocore's validation of the
-    # whole-object response, or the engine's comparison with the stated checksum.
     assert (progress.retries, progress.checksum_failures) == (0, 1)
-    assert "fail the stored checksum" in retried[0] or "differs from the source" in retried[0]
+    expected = "differs from the source" if implementation == "fast" else "stored checksum"
+    assert expected in retried[0]
 
 
 def test_flipped_byte_in_a_range_fails_the_copy(
@@ -483,22 +484,18 @@ def test_latency_and_short_stalls_complete(
 
 
 def short_timeout_source(endpoint: str, uri: str, read_timeout: float) -> Source:
-    """The agent's S3 source with a client like agent.sources.s3.s3_client's but a short read
-    timeout (S3Settings has no timeout setting)."""
-    client = boto3.session.Session().client(
-        "s3",
-        endpoint_url=endpoint,
-        config=botocore.config.Config(
-            max_pool_connections=32,
-            retries={"mode": "standard", "max_attempts": 5},
-            connect_timeout=5,
-            read_timeout=read_timeout,
-            s3={"addressing_style": "path"},
-        ),
+    """The agent's S3 source with a short read timeout."""
+    settings = S3Settings(
+        endpoint_url=endpoint, read_timeout_seconds=read_timeout, connect_timeout_seconds=5
     )
+    return SourceOpener(settings).open(uri)
+
+
+def boto3_source(endpoint: str, uri: str) -> Source:
+    """The boto3 implementation of the S3 source (the reference the fast path replaced)."""
     location = parse_source(uri)
     assert isinstance(location, S3Source)
-    return S3ObjectSource(client, location)
+    return S3ObjectSource(s3_client(S3Settings(endpoint_url=endpoint)), location)
 
 
 def test_stall_beyond_the_read_timeout_is_read_again(

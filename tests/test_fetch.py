@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from awscrt.checksums import crc64nvme
 
 from agent.checksums import ObjectChecksum
-from agent.errors import FetchCancelled, SourceChanged
+from agent.errors import FetchCancelled, SourceChanged, VerificationError
 from agent.fetch import FetchSettings, Progress, fetch_into, plan
 from agent.journal import Journal
 from agent.journal import load as load_journal
@@ -21,8 +27,9 @@ from agent.sources import ObjectInfo, Source, SourceOpener
 from agent.sources.base import ChecksummedSource
 from agent.sources.s3 import S3Settings
 from agent.store import CacheStore
-from datacache.localcluster import DEMO_CREDENTIALS, LocalCluster
+from datacache.localcluster import DEMO_CREDENTIALS, LocalCluster, wait_until
 from datacache.localcluster import s3_client as admin_client
+from tests.faultproxy import Fault, FaultProxy, Rule
 
 SMALL_PARTS = FetchSettings(concurrency=4, part_bytes=1 << 20, multipart_threshold_bytes=1 << 20)
 
@@ -293,3 +300,210 @@ def tree(root: Path) -> dict[str, bytes]:
         for p in root.rglob("*")
         if p.is_dir() and not any(p.iterdir())
     }
+
+
+# Multipart uploads ---------------------------------------------------------------------------
+
+
+def multipart_upload(
+    client: Any, bucket: str, key: str, parts: list[bytes], algorithm: str | None = None
+) -> None:
+    extra: dict[str, str] = {"ChecksumAlgorithm": algorithm} if algorithm else {}
+    upload = client.create_multipart_upload(Bucket=bucket, Key=key, **extra)
+    done = []
+    for number, body in enumerate(parts, 1):
+        answer = client.upload_part(
+            Bucket=bucket,
+            Key=key,
+            UploadId=upload["UploadId"],
+            PartNumber=number,
+            Body=body,
+            **extra,
+        )
+        part = {"ETag": answer["ETag"], "PartNumber": number}
+        if algorithm:
+            part[f"Checksum{algorithm}"] = answer[f"Checksum{algorithm}"]
+        done.append(part)
+    client.complete_multipart_upload(
+        Bucket=bucket, Key=key, UploadId=upload["UploadId"], MultipartUpload={"Parts": done}
+    )
+
+
+def test_multipart_uploads_are_verified_part_by_part(
+    s3_server: LocalCluster, bucket: str, tmp_path: Path
+) -> None:
+    """Without a full-object checksum, a multipart upload is read part by part (the part
+    size comes from a HEAD of part 1) and checked against its composite checksum, or else its
+    ETag (MD5 of the parts' MD5s)."""
+    client = admin_client(s3_server.s3_endpoint)
+    data = {
+        "composite.bin": [os.urandom(5 << 20), os.urandom(5 << 20), os.urandom(777)],
+        "md5.bin": [os.urandom(5 << 20), os.urandom(3 << 20)],
+    }
+    multipart_upload(client, bucket, "ds/composite.bin", data["composite.bin"], "CRC32C")
+    multipart_upload(client, bucket, "ds/md5.bin", data["md5.bin"])
+    src = source(s3_server.s3_endpoint, f"s3://{bucket}/ds/")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    entries = fetch_into(
+        src, plan(list(src.list()))[0], dest, SMALL_PARTS, Progress(), threading.Event()
+    )
+    assert {e.path: e.verified for e in entries} == {
+        "composite.bin": "crc32c-composite",
+        "md5.bin": "md5-multipart",
+    }
+    assert tree(dest) == {key: b"".join(parts) for key, parts in data.items()}
+
+
+def test_a_flipped_byte_in_a_part_fails_the_multipart_check(
+    s3_server: LocalCluster, bucket: str, tmp_path: Path
+) -> None:
+    client = admin_client(s3_server.s3_endpoint)
+    multipart_upload(client, bucket, "ds/m.bin", [os.urandom(5 << 20), os.urandom(1 << 20)])
+    with FaultProxy(s3_server.s3_endpoint) as proxy:
+        proxy.set_rules([Rule(Fault("flip", offset=12345), method="GET", has_range=True, limit=1)])
+        src = source(proxy.url, f"s3://{bucket}/ds/")
+        dest = tmp_path / "dest"
+        dest.mkdir()
+        with pytest.raises(VerificationError, match="MD5 of the copy's parts"):
+            fetch_into(
+                src, plan(list(src.list()))[0], dest, SMALL_PARTS, Progress(), threading.Event()
+            )
+        assert proxy.counts() == {"flip": 1}
+        # Exactly the two parts were asked for, by their byte ranges.
+        ranges = sorted(
+            r.range or "" for r in proxy.requests if r.method == "GET" and "/ds/m.bin" in r.path
+        )
+        assert ranges == [f"bytes=0-{(5 << 20) - 1}", f"bytes={5 << 20}-{(6 << 20) - 1}"]
+
+
+# Resuming a file read as ranges --------------------------------------------------------------
+
+_FETCH_WITH_JOURNAL = """
+import sys, threading
+from pathlib import Path
+from agent.fetch import FetchSettings, Progress, fetch_into, plan
+from agent.journal import Journal
+from agent.sources import SourceOpener
+from agent.sources.s3 import S3Settings
+
+endpoint, uri, dest, journal = sys.argv[1:]
+src = SourceOpener(S3Settings(endpoint_url=endpoint)).open(uri)
+files, _ = plan(list(src.list()))
+settings = FetchSettings(concurrency=2, part_bytes=1 << 20, multipart_threshold_bytes=1 << 20)
+with Journal(Path(journal)) as j:
+    fetch_into(src, files, Path(dest), settings, Progress(), threading.Event(), journal=j)
+print("finished")
+"""
+
+
+def journalled_ranges(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    found = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            data = json.loads(line)
+            if "range" in data:
+                found.append(data)
+    return found
+
+
+def test_sigkill_mid_file_resumes_with_the_completed_ranges(
+    s3_server: LocalCluster, bucket: str, tmp_path: Path
+) -> None:
+    """The engine in its own process, killed with SIGKILL while one range of a large file
+    hangs: the next run keeps the journalled ranges that read back intact, fetches the rest
+    (and a kept range altered on disk meanwhile), and verifies the whole file."""
+    mib = 1 << 20
+    body = os.urandom(8 * mib + 5)
+    admin_client(s3_server.s3_endpoint).put_object(Bucket=bucket, Key="ds/big.bin", Body=body)
+    uri = f"s3://{bucket}/ds/"
+    staging, journal_path = tmp_path / "staging", tmp_path / "staging.journal"
+    staging.mkdir()
+    hung = f"bytes={3 * mib}-{4 * mib - 1}"
+    with FaultProxy(s3_server.s3_endpoint) as proxy:
+        proxy.set_rules([Rule(Fault("stall", seconds=120), when=lambda r: r.range == hung)])
+        argv = [sys.executable, "-c", _FETCH_WITH_JOURNAL, proxy.url, uri]
+        process = subprocess.Popen(
+            [*argv, str(staging), str(journal_path)],
+            env={**os.environ, **DEMO_CREDENTIALS},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            wait_until(
+                lambda: len(journalled_ranges(journal_path)) == 8 or process.poll() is not None,
+                60,
+                "every range but the hung one to be journalled",
+                0.05,
+            )
+            assert process.poll() is None, process.communicate(timeout=30)
+            process.send_signal(signal.SIGKILL)
+        finally:
+            process.kill()
+            out, err = process.communicate(timeout=30)
+    assert process.returncode == -signal.SIGKILL, (out, err)
+    kept_offsets = sorted(r["offset"] for r in journalled_ranges(journal_path))
+    assert kept_offsets == [o for o in range(0, 9 * mib, mib) if o != 3 * mib]
+    # Damage one kept range on disk: its read-back fails, so it is fetched again.
+    with (staging / "big.bin").open("r+b") as f:
+        f.seek(5 * mib + 10)
+        f.write(bytes([body[5 * mib + 10] ^ 0xFF]))
+
+    with FaultProxy(s3_server.s3_endpoint) as proxy:
+        src = source(proxy.url, uri)
+        progress = Progress()
+        with Journal(journal_path) as journal:
+            (entry,) = fetch_into(
+                src,
+                plan(list(src.list()))[0],
+                staging,
+                SMALL_PARTS,
+                progress,
+                threading.Event(),
+                resume=load_journal(journal_path),
+                journal=journal,
+            )
+        fetched = sorted(
+            r.range or "" for r in proxy.requests if r.method == "GET" and "/ds/big.bin" in r.path
+        )
+    assert fetched == sorted([hung, f"bytes={5 * mib}-{6 * mib - 1}"])
+    assert (staging / "big.bin").read_bytes() == body
+    assert (entry.path, entry.verified) == ("big.bin", "crc32")
+    assert entry.crc64nvme == f"{crc64nvme(body):016x}"
+    assert progress.bytes_done == progress.bytes_total == len(body)
+    assert list(load_journal(journal_path)) == ["big.bin"]
+    assert load_journal(journal_path).ranges == {}
+
+
+def test_ranges_of_a_file_that_failed_verification_are_not_kept(
+    s3_server: LocalCluster, bucket: str, tmp_path: Path
+) -> None:
+    body = os.urandom(3 << 20)
+    admin_client(s3_server.s3_endpoint).put_object(Bucket=bucket, Key="ds/f.bin", Body=body)
+    staging, journal_path = tmp_path / "staging", tmp_path / "staging.journal"
+    staging.mkdir()
+    with FaultProxy(s3_server.s3_endpoint) as proxy:
+        proxy.set_rules([Rule(Fault("flip", offset=7), has_range=True, limit=1)])
+        src = source(proxy.url, f"s3://{bucket}/ds/")
+        files = plan(list(src.list()))[0]
+        with Journal(journal_path) as journal, pytest.raises(VerificationError):
+            fetch_into(
+                src, files, staging, SMALL_PARTS, Progress(), threading.Event(), journal=journal
+            )
+        assert len(journalled_ranges(journal_path)) == 3
+        assert load_journal(journal_path).ranges == {}
+        with Journal(journal_path) as journal:
+            fetch_into(
+                src,
+                files,
+                staging,
+                SMALL_PARTS,
+                Progress(),
+                threading.Event(),
+                resume=load_journal(journal_path),
+                journal=journal,
+            )
+        assert len([r for r in proxy.requests if r.method == "GET" and r.range]) == 6
+    assert (staging / "f.bin").read_bytes() == body

@@ -1,6 +1,9 @@
 """Where datasets come from. `SourceOpener.open` picks the implementation for a source URI:
-s3:// (boto3), nfs:// (libnfs in user space, no mount) or file:// (a directory already
-mounted on the node)."""
+s3:// (plain HTTP with SigV4, `agent.sources.s3http`), nfs:// (libnfs in user space, no
+mount) or file:// (a directory already mounted on the node).
+
+Implementations are imported when first used: `datacache-agent fetch` of an S3 dataset never
+loads libnfs bindings or boto3."""
 
 from __future__ import annotations
 
@@ -9,32 +12,34 @@ from typing import TYPE_CHECKING
 
 from agent.errors import SourceError
 from agent.sources.base import READ_CHUNK_BYTES, ObjectInfo, Source
-from agent.sources.local import LocalDirSource
 from agent.sources.nfs import NfsSettings
-from agent.sources.nfs import NfsSource as NfsObjectSource
-from agent.sources.s3 import S3ObjectSource, S3Settings, s3_client
+from agent.sources.s3 import S3Settings
 from datacache.validation import FileSource, InvalidInput, NfsSource, S3Source, parse_source
 
 if TYPE_CHECKING:
-    from mypy_boto3_s3 import S3Client
+    from agent.sources.s3http import CredentialChain
 
 __all__ = ["READ_CHUNK_BYTES", "NfsSettings", "ObjectInfo", "Source", "SourceOpener"]
 
 
 class SourceOpener:
-    """Opens sources by URI, sharing one S3 client (and its connection pool) between them."""
+    """Opens sources by URI, sharing one S3 credential chain (resolved once) between them."""
 
     def __init__(self, s3: S3Settings, nfs: NfsSettings | None = None) -> None:
         self._s3_settings = s3
         self._nfs_settings = nfs or NfsSettings()
-        self._s3_client: S3Client | None = None
+        self._credentials: CredentialChain | None = None
+        self._region: str | None = None
         self._lock = threading.Lock()
 
-    def _s3(self) -> S3Client:
+    def _s3(self) -> tuple[CredentialChain, str]:
+        from agent.sources.s3http import CredentialChain, default_region
+
         with self._lock:
-            if self._s3_client is None:
-                self._s3_client = s3_client(self._s3_settings)
-            return self._s3_client
+            if self._credentials is None or self._region is None:
+                self._credentials = CredentialChain()
+                self._region = default_region(self._s3_settings.region)
+            return self._credentials, self._region
 
     def open(self, uri: str) -> Source:
         try:
@@ -42,9 +47,16 @@ class SourceOpener:
         except InvalidInput as exc:
             raise SourceError(str(exc)) from exc
         if isinstance(location, S3Source):
-            return S3ObjectSource(self._s3(), location)
+            from agent.sources.s3http import S3HttpSource
+
+            credentials, region = self._s3()
+            return S3HttpSource(location, self._s3_settings, credentials, region)
         if isinstance(location, NfsSource):
+            from agent.sources.nfs import NfsSource as NfsObjectSource
+
             return NfsObjectSource(location, self._nfs_settings)
         if isinstance(location, FileSource):
+            from agent.sources.local import LocalDirSource
+
             return LocalDirSource(location.path)
         raise SourceError(f"unsupported source {uri!r}")

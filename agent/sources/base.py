@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from agent.checksums import ObjectChecksum
+    from agent.checksums import CompositeChecksum, ObjectChecksum
 
 # Each ranged read is consumed in chunks this large, so memory per in-flight read is bounded
 # by it whatever the range size.
@@ -28,6 +28,22 @@ class ObjectInfo:
     """Bytes."""
     etag: str
     """Opaque version tag, compared with If-Match on every read."""
+
+
+@dataclass(frozen=True)
+class PartLayout:
+    """How a multipart upload was cut: `count` parts of `part_size` bytes, the last one
+    shorter or equal."""
+
+    part_size: int
+    count: int
+
+    def parts(self, size: int) -> list[tuple[int, int]]:
+        """(offset, length) of every part of an object of `size` bytes."""
+        return [
+            (i * self.part_size, min(self.part_size, size - i * self.part_size))
+            for i in range(self.count)
+        ]
 
 
 class Source(Protocol):
@@ -52,4 +68,46 @@ class ChecksummedSource(Source, Protocol):
 
     def stat(self, key: str) -> ObjectInfo:
         """The object's current metadata (after a `SourceChanged`)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ObjectFacts:
+    """What the source says about an object's current version (an S3 HEAD)."""
+
+    size: int
+    etag: str
+    checksum: ObjectChecksum | None
+    """Full-object checksum."""
+    composite: CompositeChecksum | None
+    """Checksum of the part checksums of a multipart upload."""
+
+
+class RangeBody(Protocol):
+    """A read in progress (`BufferedSource.open_range`)."""
+
+    checksum: ObjectChecksum | None
+    """The full-object checksum the source stated with a whole-object read; None for ranges
+    and when it stated none."""
+
+    def readinto(self, view: memoryview) -> int:
+        """Fills `view`; fewer bytes only at the end of the range, 0 after it."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class BufferedSource(ChecksummedSource, Protocol):
+    """A source the engine reads into its own reused buffers, which states checksums as it
+    answers and can describe multipart uploads (the S3 fast path)."""
+
+    def open_range(self, obj: ObjectInfo, offset: int, length: int) -> RangeBody: ...
+
+    def head(self, key: str, etag: str | None) -> ObjectFacts:
+        """The object's metadata, If-Match `etag` when given (`SourceChanged` otherwise)."""
+        ...
+
+    def part_layout(self, obj: ObjectInfo) -> PartLayout | None:
+        """How `obj`'s multipart upload was cut, when the source can tell."""
         ...

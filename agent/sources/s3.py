@@ -1,15 +1,16 @@
-"""S3 (and S3-compatible) sources, read with boto3."""
+"""S3 (and S3-compatible) sources read with boto3, and the S3 settings.
+
+The agent reads objects with `agent.sources.s3http` (plain HTTP, much less CPU per request);
+this boto3 source stays as the reference implementation of the same conformance suite. boto3
+is imported only when a client is made, so importing the settings costs nothing.
+"""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-import boto3
-import botocore.config
-import botocore.exceptions
+from typing import TYPE_CHECKING, Any, Literal
 
 from agent.checksums import ObjectChecksum, from_s3_response
 from agent.errors import SourceChanged, SourceError, VerificationError
@@ -30,17 +31,26 @@ class S3Settings:
     """A response silent this long is abandoned and the read retried, seconds."""
     max_connections: int = 32
     """Connection pool size; should be at least the engine's concurrency."""
+    connect_timeout_seconds: float = 10.0
+    """Giving up on opening a connection (it is then tried again), seconds."""
+    addressing_style: Literal["path", "virtual", "auto"] = "path"
+    """'path' (https://endpoint/bucket/key: works with every S3-compatible server, SeaweedFS
+    and moto need it), 'virtual' (https://bucket.endpoint/key) or 'auto' (virtual for AWS
+    when the bucket name allows it, path otherwise)."""
 
 
 def s3_client(settings: S3Settings) -> S3Client:
     """An S3 client using the standard credential chain (env, files, IRSA, instance role)."""
+    import boto3
+    import botocore.config
+
     config = botocore.config.Config(
         max_pool_connections=settings.max_connections,
         retries={"mode": "standard", "max_attempts": 5},
         connect_timeout=10,
         read_timeout=settings.read_timeout_seconds,
         # Path-style works with every S3-compatible server; virtual-host style does not.
-        s3={"addressing_style": "path"},
+        s3={"addressing_style": settings.addressing_style},
     )
     client: S3Client = boto3.session.Session().client(
         "s3", endpoint_url=settings.endpoint_url, region_name=settings.region, config=config
@@ -72,6 +82,8 @@ class S3ObjectSource:
         return ObjectInfo(key=key, size=int(response["ContentLength"]), etag=response["ETag"])
 
     def _head(self, key: str, etag: str | None) -> dict[str, Any]:
+        import botocore.exceptions
+
         kwargs: dict[str, Any] = {"ChecksumMode": "ENABLED"}
         if etag is not None:
             kwargs["IfMatch"] = etag
@@ -91,6 +103,8 @@ class S3ObjectSource:
         return response
 
     def list(self) -> Iterator[ObjectInfo]:
+        import botocore.exceptions
+
         prefix = self._location.prefix
         paginator = self._client.get_paginator("list_objects_v2")
         try:
@@ -107,6 +121,8 @@ class S3ObjectSource:
             raise SourceError(f"listing {self._location.uri} failed: {_error_code(exc)}") from exc
 
     def read_range(self, obj: ObjectInfo, offset: int, length: int) -> Iterator[bytes]:
+        import botocore.exceptions
+
         if length <= 0:
             return
         key = self._location.prefix + obj.key
@@ -147,6 +163,6 @@ class S3ObjectSource:
             )
 
 
-def _error_code(exc: botocore.exceptions.ClientError) -> str:
+def _error_code(exc: Any) -> str:
     error: Any = exc.response.get("Error", {})
     return str(error.get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
