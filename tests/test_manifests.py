@@ -28,14 +28,26 @@ ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
 KUBERNETES_VERSION = "1.30"
 NAMESPACE = "datacache"
+AGENT_NAMESPACE = "datacache-agent"
 AGENT_SA = "datacache-agent"
 COORDINATOR_SA = "datacache-coordinator"
 ENV_PREFIX = "DATACACHE_"
 WRITE_VERBS = frozenset({"create", "update", "patch", "delete", "deletecollection"})
 # Groups every ServiceAccount of the namespace belongs to.
 SA_GROUPS = frozenset(
-    {"system:serviceaccounts", f"system:serviceaccounts:{NAMESPACE}", "system:authenticated"}
+    {
+        "system:serviceaccounts",
+        f"system:serviceaccounts:{NAMESPACE}",
+        f"system:serviceaccounts:{AGENT_NAMESPACE}",
+        "system:authenticated",
+    }
 )
+
+
+def account_namespace(account: str) -> str:
+    return AGENT_NAMESPACE if account == AGENT_SA else NAMESPACE
+
+
 # What a binding to a role the manifests do not define may grant, for all we know.
 EVERYTHING: list[dict[str, Any]] = [{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}]
 
@@ -132,6 +144,11 @@ def test_validation_rejects_a_broken_manifest() -> None:
 
 
 def test_every_manifest_is_namespaced_in_datacache_or_cluster_scoped() -> None:
+    agent_objects = {
+        ("DaemonSet", "datacache-agent"),
+        ("ServiceAccount", AGENT_SA),
+        ("Service", "datacache-agent-metrics"),
+    }
     cluster_scoped = {
         "Namespace",
         "ClusterRole",
@@ -145,11 +162,15 @@ def test_every_manifest_is_namespaced_in_datacache_or_cluster_scoped() -> None:
         namespace = doc["metadata"].get("namespace")
         if doc["kind"] in cluster_scoped:
             assert namespace is None, f"{doc['kind']} {doc['metadata']['name']} has a namespace"
+        elif (doc["kind"], doc["metadata"]["name"]) in agent_objects:
+            assert namespace == AGENT_NAMESPACE, f"{doc['kind']} {doc['metadata']['name']}"
         else:
             assert namespace == NAMESPACE, f"{doc['kind']} {doc['metadata']['name']}"
-    namespace = find("Namespace", NAMESPACE)
-    # The agent's hostPath volume is forbidden by the baseline and restricted levels.
-    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
+    enforce = "pod-security.kubernetes.io/enforce"
+    # The agent's hostPath volume is forbidden by the baseline and restricted levels; nothing
+    # else needs more than restricted.
+    assert find("Namespace", AGENT_NAMESPACE)["metadata"]["labels"][enforce] == "privileged"
+    assert find("Namespace", NAMESPACE)["metadata"]["labels"][enforce] == "restricted"
 
 
 # --- 2. kustomization --------------------------------------------------------------------------
@@ -172,11 +193,13 @@ def _subject_matches(subject: Doc, binding_namespace: str | None, account: str) 
     kind = subject.get("kind")
     if kind == "ServiceAccount":
         namespace = subject.get("namespace", binding_namespace)
-        return bool(subject.get("name") == account and namespace == NAMESPACE)
+        return bool(subject.get("name") == account and namespace == account_namespace(account))
     if kind == "Group":
         return subject.get("name") in SA_GROUPS
     if kind == "User":
-        return bool(subject.get("name") == f"system:serviceaccount:{NAMESPACE}:{account}")
+        return bool(
+            subject.get("name") == f"system:serviceaccount:{account_namespace(account)}:{account}"
+        )
     return False
 
 
@@ -260,9 +283,12 @@ NODE_WRITER: Doc = {
 @pytest.mark.parametrize(
     ("subject", "role"),
     [
-        ({"kind": "ServiceAccount", "name": AGENT_SA, "namespace": NAMESPACE}, "node-writer"),
-        ({"kind": "User", "name": f"system:serviceaccount:{NAMESPACE}:{AGENT_SA}"}, "node-writer"),
-        ({"kind": "Group", "name": f"system:serviceaccounts:{NAMESPACE}"}, "cluster-admin"),
+        ({"kind": "ServiceAccount", "name": AGENT_SA, "namespace": AGENT_NAMESPACE}, "node-writer"),
+        (
+            {"kind": "User", "name": f"system:serviceaccount:{AGENT_NAMESPACE}:{AGENT_SA}"},
+            "node-writer",
+        ),
+        ({"kind": "Group", "name": f"system:serviceaccounts:{AGENT_NAMESPACE}"}, "cluster-admin"),
     ],
     ids=["service-account", "user", "namespace-group-to-built-in-role"],
 )
