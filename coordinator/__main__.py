@@ -198,6 +198,19 @@ _DEFAULTS = CoordinatorSettings()
     help="PEM key of the webhook certificate.",
 )
 @click.option(
+    "--demand-cooldown-seconds",
+    type=click.FloatRange(0, 7 * 86400),
+    default=_DEFAULTS.demand_cooldown_seconds,
+    show_envvar=True,
+    help="A replica count raised by demand falls only after this long without it (s).",
+)
+@click.option(
+    "--watch-pods/--no-watch-pods",
+    default=_DEFAULTS.watch_pods,
+    show_envvar=True,
+    help="Count annotated pending or running pods as demand (labeler=kubernetes).",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",

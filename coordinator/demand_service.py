@@ -112,6 +112,7 @@ class DemandScaler:
     def __init__(self, cooldown_seconds: float) -> None:
         self.cooldown_seconds = cooldown_seconds
         self._states: dict[str, ScaleState] = {}
+        self._floors: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def targets(
@@ -119,26 +120,48 @@ class DemandScaler:
         specs: Iterable[tuple[str, int, int]],
         demand: Mapping[str, DatasetDemand],
         now: float,
+        held: Mapping[str, int] | None = None,
     ) -> dict[str, int]:
-        """`specs` are (dataset, replicas, max_replicas); returns each dataset's target."""
+        """`specs` are (dataset, replicas, max_replicas); returns each dataset's target.
+        `held` is how many replicas placement already holds per dataset: a dataset seen for
+        the first time (e.g. after a restart) keeps those for a cool-down rather than
+        dropping them before the pod watch has listed the pods that want them."""
         out: dict[str, int] = {}
+        held = held or {}
         with self._lock:
             seen = set()
             for name, replicas, max_replicas in specs:
+                previous = self._states.get(name)
+                if previous is None and held.get(name, 0) > replicas:
+                    previous = ScaleState(min(held[name], max(replicas, max_replicas)), now)
                 state = next_scale(
                     replicas,
                     max_replicas,
                     demand.get(name),
-                    self._states.get(name),
+                    previous,
                     now,
                     self.cooldown_seconds,
                 )
                 self._states[name] = state
+                self._floors[name] = replicas
                 out[name] = state.target
                 seen.add(name)
             for gone in self._states.keys() - seen:
                 del self._states[gone]
+                self._floors.pop(gone, None)
         return out
+
+    def next_cooldown_end(self) -> float | None:
+        """When the earliest raised target may fall (Unix time), to re-evaluate then."""
+        with self._lock:
+            return min(
+                (
+                    s.confirmed_at + self.cooldown_seconds
+                    for name, s in self._states.items()
+                    if s.target > self._floors.get(name, 0)
+                ),
+                default=None,
+            )
 
     def target(self, name: str) -> int | None:
         with self._lock:

@@ -46,6 +46,8 @@ class DatasetRecord:
     """The global change counter's value at this dataset's last spec or status change."""
     update_time: float = 0.0
     """Unix time of the last spec or status change, seconds."""
+    max_replicas: int = 0
+    """Demand may raise the replica count up to this; 0 (or <= replicas): fixed."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class DatasetSpec:
     tolerations: tuple[Toleration, ...] = ()
     pin: bool = False
     credentials_secret: str = ""
+    max_replicas: int = 0
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ Placement rules, in order:
    the dataset was recently evicted from. Among those: nodes already holding a copy (this or an
    older version) first, then the zone with the fewest replicas of the dataset, then the least
    loaded node; ties go to the first node after the dataset's position on a hash ring
-   (consistent hashing), so the choice is stable when unrelated nodes come and go.
+   (consistent hashing), so the choice is stable when unrelated nodes come and go. A want's
+   `prefer` nodes (where its demanding pods can run) come right after nodes holding a copy.
 4. `all_nodes` datasets go to every eligible node, including nodes that join later.
 
 Eviction (`choose_evictions`): a node short of room gives up unpinned datasets, least recently
@@ -47,6 +48,8 @@ class Want:
     tolerations: tuple[Toleration, ...] = ()
     size_bytes: int = 0
     """Bytes of the current revision; 0 when not known yet."""
+    prefer: frozenset[str] = frozenset()
+    """Nodes where the pods wanting the dataset can run: new replicas go there first."""
 
 
 @dataclass(frozen=True)
@@ -250,12 +253,24 @@ def place(
             ),
             key=lambda n: (positions[n], n),
         )
-        while missing > 0 and held:
-            best = min(held, key=lambda n: (zones[nodes[n].zone], load[n], positions[n], n))
-            held.remove(best)
-            choose(best)
-            zones[nodes[best].zone] += 1
-            missing -= 1
+        preferred = sorted(
+            (
+                n
+                for n in want.prefer
+                if n in nodes and not nodes[n].unschedulable and eligible(want, nodes[n])
+            ),
+            key=lambda n: (positions[n], n),
+        )
+        for candidates in (held, preferred):
+            candidates = [n for n in candidates if usable(n)]
+            while missing > 0 and candidates:
+                best = min(
+                    candidates, key=lambda n: (zones[nodes[n].zone], load[n], positions[n], n)
+                )
+                candidates.remove(best)
+                choose(best)
+                zones[nodes[best].zone] += 1
+                missing -= 1
         start = _position(dataset)
         while missing > 0:
             # The zone with the fewest replicas of this dataset, then the least loaded node.

@@ -37,6 +37,7 @@ from coordinator.cluster import (
     NodeFacts,
     S3Credentials,
 )
+from coordinator.demand_service import DemandScaler, DemandTracker
 from coordinator.errors import LabelerError, NodeMissing
 from coordinator.labelers import NodeLabeler
 from coordinator.labels import desired_node_labels
@@ -110,6 +111,7 @@ class Reconciler:
         events: EventSink | None = None,
         credentials: CredentialsProvider | None = None,
         directory: NodeDirectory | None = None,
+        demand: tuple[DemandTracker, DemandScaler] | None = None,
     ) -> None:
         self._store = store
         self._labeler = labeler
@@ -137,6 +139,27 @@ class Reconciler:
         self._loop: asyncio.AbstractEventLoop | None = None
         if directory is not None:
             directory.subscribe(self._on_node_change_threadsafe)
+        self._demand = demand
+        self._demand_view: dict[str, tuple[int, int]] = {}
+        """Per dataset: (demand, target replicas) of the last pass, for the status."""
+        if demand is not None:
+            demand[0].on_change = self.trigger_threadsafe
+
+    def trigger_threadsafe(self) -> None:
+        """`trigger` from any thread (the pod watch calls back from its own)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            # Not running yet: the first pass reads the demand anyway.
+            self._dirty = True
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self.trigger()
+        else:
+            loop.call_soon_threadsafe(self.trigger)
 
     def trigger(self) -> None:
         self._dirty = True
@@ -156,8 +179,25 @@ class Reconciler:
             # calls must not wait behind back-to-back passes. Triggers meanwhile coalesce.
             await asyncio.sleep(min(self.last_pass_seconds, 1.0))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._settings.reconcile_interval_seconds)
+                await asyncio.wait_for(self._wake.wait(), self._next_wait())
             self._wake.clear()
+
+    def _next_wait(self) -> float:
+        """Seconds until the next pass is due: the interval, or sooner when explicit demand
+        expires or a demand cool-down ends (both lower a target without any trigger)."""
+        wait = self._settings.reconcile_interval_seconds
+        now = self._clock()
+        for when in self._demand_due():
+            # A little after `when`: a pass at `when` itself may not yet see it passed.
+            wait = min(wait, max(0.0, when - now) + 0.05)
+        return wait
+
+    def _demand_due(self) -> list[float]:
+        if self._demand is None:
+            return []
+        tracker, scaler = self._demand
+        due = (tracker.next_expiry(), scaler.next_cooldown_end())
+        return [when for when in due if when is not None]
 
     # Leases ---------------------------------------------------------------------------------
 
@@ -220,7 +260,14 @@ class Reconciler:
             live = self.live_nodes()
         reports = [r for r in self._store.reports(record.name) if r.node_name in live]
         fixed = self._store.fixed_version(record.name, record.revision)
-        return dataset_view(record, assigned, reports, fixed, self.problem(record.name))
+        return dataset_view(
+            record,
+            assigned,
+            reports,
+            fixed,
+            self.problem(record.name),
+            *self._demand_view.get(record.name, (0, 0)),
+        )
 
     def render_name(self, name: str) -> pb.Dataset | None:
         record = self._store.find_dataset(name)
@@ -259,6 +306,7 @@ class Reconciler:
             and self._last_labels is not None
             and self._clock() - self._last_full < FULL_PASS_SECONDS
             and self.live_nodes() == self._last_live
+            and not any(when <= self._clock() for when in self._demand_due())
         )
 
     async def reconcile_once(self, force: bool = True) -> None:
@@ -431,14 +479,16 @@ class Reconciler:
         ready_count = {d: len(n) for d, n in ready.items()}
         evicted = self._evict(datasets, agents, nodes, current, by_node, ready_count, cooldown, now)
 
+        targets, prefer = self._demand_targets(datasets, nodes, current, now)
         wants = [
             Want(
                 dataset=d.name,
-                replicas=d.replicas,
+                replicas=targets.get(d.name, d.replicas),
                 all_nodes=d.all_nodes,
                 node_selector=d.node_selector,
                 tolerations=d.tolerations,
                 size_bytes=sizes.get(d.name, 0),
+                prefer=prefer.get(d.name, frozenset()),
             )
             for d in datasets.values()
             if not d.deleting
@@ -526,9 +576,50 @@ class Reconciler:
                 live_reports.get(record.name, []),
                 fixed.get((record.name, record.revision)),
                 self.problem(record.name),
+                *self._demand_view.get(record.name, (0, 0)),
             )
             views.append((record, view))
         self._note_statuses(views)
+
+    def _demand_targets(
+        self,
+        datasets: Mapping[str, DatasetRecord],
+        nodes: Mapping[str, Node],
+        current: Mapping[str, frozenset[str]],
+        now: float,
+    ) -> tuple[dict[str, int], dict[str, frozenset[str]]]:
+        """Replica targets of datasets that demand may scale, and the nodes where their
+        demanding trials can run."""
+        if self._demand is None:
+            return {}, {}
+        # Only nodes placement may use count: a trial's node without an agent gets no copy.
+        cluster = self.node_facts()
+        facts = {
+            name: cluster.get(name)
+            or NodeFacts(
+                name, labels=node.labels, taints=node.taints, unschedulable=node.unschedulable
+            )
+            for name, node in nodes.items()
+        }
+        tracker, scaler = self._demand
+        demand = tracker.demand(facts, now)
+        scalable = [
+            (d.name, d.replicas, d.max_replicas)
+            for d in datasets.values()
+            if not d.deleting and not d.all_nodes
+        ]
+        held = {name: len(holders) for name, holders in current.items()}
+        targets = scaler.targets(scalable, demand, now, held)
+        self._demand_view = {
+            name: (demand[name].trials if name in demand else 0, target)
+            for name, target in targets.items()
+        }
+        prefer = {
+            name: d.nodes
+            for name, d in demand.items()
+            if name in datasets and datasets[name].max_replicas > datasets[name].replicas
+        }
+        return targets, prefer
 
     async def _record_events(
         self,

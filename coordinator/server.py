@@ -29,6 +29,7 @@ from coordinator.cluster import (
     NodeDirectory,
     NodeFacts,
 )
+from coordinator.demand_service import DemandScaler, DemandService, DemandTracker
 from coordinator.labelers import LocalNodeLabeler, NodeLabeler
 from coordinator.reconciler import DesiredStateHub, Reconciler
 from coordinator.service import AgentService, DatasetService, NodeService
@@ -49,7 +50,7 @@ else:  # Generic only in the type stubs.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 SERVICE_NAMES = [
     pb.DESCRIPTOR.services_by_name[name].full_name
-    for name in ("DatasetService", "NodeService", "AgentService")
+    for name in ("DatasetService", "NodeService", "AgentService", "DemandService")
 ]
 
 
@@ -138,6 +139,8 @@ async def serve(settings: CoordinatorSettings, stop: asyncio.Event) -> None:
     directory = NodeDirectory()
     parts = cluster_parts(settings, store, directory)
     labeler = parts.labeler
+    tracker = DemandTracker()
+    scaler = DemandScaler(settings.demand_cooldown_seconds)
     reconciler = Reconciler(
         store,
         labeler,
@@ -146,6 +149,7 @@ async def serve(settings: CoordinatorSettings, stop: asyncio.Event) -> None:
         events=parts.events,
         credentials=parts.credentials,
         directory=directory,
+        demand=(tracker, scaler),
     )
     feed = ChangeFeed(reconciler.render_name, settings.watch_queue_size)
     store.listeners.append(feed.publish)
@@ -185,6 +189,9 @@ async def serve(settings: CoordinatorSettings, stop: asyncio.Event) -> None:
     pb_grpc.add_AgentServiceServicer_to_server(
         AgentService(store, hub, reconciler, settings), server
     )
+    pb_grpc.add_DemandServiceServicer_to_server(
+        DemandService(tracker, lambda name: _live_dataset(store, name), scaler.target), server
+    )
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*SERVICE_NAMES, reflection.SERVICE_NAME], server)
@@ -207,6 +214,14 @@ async def serve(settings: CoordinatorSettings, stop: asyncio.Event) -> None:
 
     if settings.webhook_port:
         parts.stoppers.append(_start_webhook(settings, store))
+    if settings.watch_pods and parts.apis is None:
+        log.warning("--watch-pods needs --labeler=kubernetes; pods are not counted as demand")
+    if settings.watch_pods and parts.apis is not None:
+        from coordinator.k8s_pods import pod_watch
+
+        pods = pod_watch(parts.apis.core, tracker)
+        pods.start()
+        parts.stoppers.append(pods.stop)
 
     loop = asyncio.get_running_loop()
     tasks: list[asyncio.Task[None]] = []
@@ -259,6 +274,11 @@ async def serve(settings: CoordinatorSettings, stop: asyncio.Event) -> None:
         for stopper in reversed(parts.stoppers):
             await asyncio.to_thread(stopper)
         store.close()
+
+
+def _live_dataset(store: Store, name: str) -> bool:
+    record = store.find_dataset(name)
+    return record is not None and not record.deleting
 
 
 def _start_webhook(settings: CoordinatorSettings, store: Store) -> Callable[[], None]:

@@ -101,6 +101,14 @@ class CoordinatorSettings:
     webhook_key_file: Path | None = None
     """PEM private key of `webhook_cert_file`."""
 
+    demand_cooldown_seconds: float = 600.0
+    """A replica count raised by demand falls back only after demand has stayed below it for
+    this long, seconds (a sweep's next wave finds its replicas still there)."""
+
+    watch_pods: bool = False
+    """Count pods annotated `datacache.io/dataset` (pending or running) as demand
+    (labeler=kubernetes only; needs get/list/watch on pods)."""
+
     @property
     def heartbeat_seconds(self) -> float:
         """How often an idle desired-state stream is refreshed, seconds."""

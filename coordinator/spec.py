@@ -22,7 +22,9 @@ UPDATABLE_PATHS = (
     "pin",
     "credentials_secret",
     "source",
+    "max_replicas",
 )
+MAX_MAX_REPLICAS = 10_000
 OPERATORS = ("Equal", "Exists")
 EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 
@@ -112,15 +114,33 @@ def _replicas(dataset: pb.Dataset) -> int:
         raise InvalidArgument(f"{exc} (or set all_nodes for a copy on every node)") from exc
 
 
+def validate_max_replicas(max_replicas: int, replicas: int, all_nodes: bool) -> int:
+    if max_replicas == 0:
+        return 0
+    if all_nodes:
+        raise InvalidArgument(
+            f"max_replicas {max_replicas} has no effect with all_nodes (a copy is on every "
+            "node already); set it to 0"
+        )
+    if not replicas <= max_replicas <= MAX_MAX_REPLICAS:
+        raise InvalidArgument(
+            f"max_replicas must be 0 (no demand scaling) or {replicas}-{MAX_MAX_REPLICAS} "
+            f"(at least replicas, {replicas}), got {max_replicas}"
+        )
+    return max_replicas
+
+
 def spec_from_create(dataset: pb.Dataset) -> DatasetSpec:
+    replicas = _replicas(dataset)
     return DatasetSpec(
         source=parse_source(dataset.source).uri,
-        replicas=_replicas(dataset),
+        replicas=replicas,
         all_nodes=dataset.all_nodes,
         node_selector=validate_labels(dataset.node_selector, "node_selector"),
         tolerations=validate_tolerations(dataset.tolerations),
         pin=dataset.pin,
         credentials_secret=validate_secret_name(dataset.credentials_secret),
+        max_replicas=validate_max_replicas(dataset.max_replicas, replicas, dataset.all_nodes),
     )
 
 
@@ -167,6 +187,13 @@ def spec_from_update(
             validate_secret_name(dataset.credentials_secret)
             if "credentials_secret" in paths_set
             else record.credentials_secret
+        ),
+        # An unchanged max_replicas below new replicas simply stops demand scaling, so a
+        # plain scale does not fail on it.
+        max_replicas=(
+            validate_max_replicas(dataset.max_replicas, replicas, all_nodes)
+            if "max_replicas" in paths_set
+            else record.max_replicas
         ),
     )
     return spec, source != record.source

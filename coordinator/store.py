@@ -36,7 +36,7 @@ from coordinator.model import (
     VersionRecord,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Version 1: the schema of the first release (no user_version was set then).
 _SCHEMA_V1 = """
@@ -149,11 +149,16 @@ CREATE TABLE evictions (
 );
 """
 
-_MIGRATIONS: dict[int, str] = {2: _MIGRATE_V2}
+# Version 3: demand may raise a dataset's replicas up to max_replicas (0: fixed replicas).
+_MIGRATE_V3 = """
+ALTER TABLE datasets ADD COLUMN max_replicas INTEGER NOT NULL DEFAULT 0;
+"""
+
+_MIGRATIONS: dict[int, str] = {2: _MIGRATE_V2, 3: _MIGRATE_V3}
 
 _DATASET_COLUMNS = (
     "name, source, replicas, create_time, deleting, all_nodes, node_selector, tolerations, pin,"
-    " credentials_secret, revision, resource_version, update_time"
+    " credentials_secret, revision, resource_version, update_time, max_replicas"
 )
 _AGENT_COLUMNS = (
     "node_name, cache_id, last_seen, capacity_bytes, free_bytes, node_uid, node_labels,"
@@ -193,6 +198,7 @@ def _dataset(row: Sequence[Any]) -> DatasetRecord:
         revision=row[10],
         resource_version=row[11],
         update_time=row[12],
+        max_replicas=row[13],
     )
 
 
@@ -240,6 +246,7 @@ def _spec_values(spec: DatasetSpec) -> tuple[Any, ...]:
         json.dumps([t.__dict__ for t in spec.tolerations]),
         int(spec.pin),
         spec.credentials_secret,
+        spec.max_replicas,
     )
 
 
@@ -400,8 +407,8 @@ class Store:
             now = self._clock()
             db.execute(
                 "INSERT INTO datasets (name, source, replicas, all_nodes, node_selector,"
-                " tolerations, pin, credentials_secret, create_time, update_time, revision)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)",
+                " tolerations, pin, credentials_secret, max_replicas, create_time, update_time,"
+                " revision) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)",
                 (name, *_spec_values(spec), now, now),
             )
             self._bump(db, name, "ADDED")
@@ -439,7 +446,7 @@ class Store:
             self._live_row(db, name)
             db.execute(
                 "UPDATE datasets SET source = ?, replicas = ?, all_nodes = ?, node_selector = ?,"
-                " tolerations = ?, pin = ?, credentials_secret = ?,"
+                " tolerations = ?, pin = ?, credentials_secret = ?, max_replicas = ?,"
                 " revision = revision + ? WHERE name = ?",
                 (*_spec_values(spec), int(new_revision), name),
             )
@@ -832,6 +839,7 @@ def _spec_of(record: DatasetRecord, **changes: Any) -> DatasetSpec:
         "tolerations": record.tolerations,
         "pin": record.pin,
         "credentials_secret": record.credentials_secret,
+        "max_replicas": record.max_replicas,
     }
     values.update(changes)
     return DatasetSpec(**values)

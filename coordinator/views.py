@@ -128,12 +128,15 @@ def dataset_view(
     live_reports: Sequence[ReplicaReport],
     fixed: VersionRecord | None,
     problem: str = "",
+    demand: int = 0,
+    target_replicas: int = 0,
 ) -> pb.Dataset:
     """The API view of a dataset from its record, assignments, the reports of live nodes, the
-    fixed version of its current revision and a problem blocking it (or '')."""
+    fixed version of its current revision, a problem blocking it (or ''), the trials wanting
+    it and the replica count demand raised it to (0: not raised)."""
     rows = replica_rows(record, assigned, live_reports)
     ready_rows = [r for r in rows if r.state == pb.REPLICA_STATE_READY]
-    wanted = len(assigned) if record.all_nodes else record.replicas
+    wanted = len(assigned) if record.all_nodes else max(record.replicas, target_replicas)
     if record.all_nodes and not assigned:
         wanted = 0
     version = fixed.version if fixed else next((r.digest for r in ready_rows if r.digest), "")
@@ -160,6 +163,7 @@ def dataset_view(
         credentials_secret=record.credentials_secret,
         revision=record.revision,
         resource_version=record.resource_version,
+        max_replicas=record.max_replicas,
         update_time=timestamp(record.update_time or record.create_time),
         status=pb.DatasetStatus(
             ready_replicas=len(ready_rows),
@@ -167,6 +171,8 @@ def dataset_view(
             version=version,
             size_bytes=size,
             phase=phase_of(record, rows, wanted, problem),
+            demand=demand,
+            target_replicas=wanted,
         ),
     )
 

@@ -217,6 +217,12 @@ def _spec_options(create: bool) -> Callable[[F], F]:
                 show_envvar=True,
                 help="Secret holding the source's AWS credentials ('' clears).",
             ),
+            click.option(
+                "--max-replicas",
+                type=click.IntRange(0, 10_000),
+                default=None,
+                help="Demand (trial pods, SetDemand) may raise replicas up to this (0: fixed).",
+            ),
         ]
         if not create:
             options += [
@@ -251,6 +257,7 @@ def dataset_create(
     tolerations: tuple[str, ...],
     pin: bool | None,
     credentials_secret: str | None,
+    max_replicas: int | None,
     output: str,
 ) -> None:
     """Create dataset NAME from a source."""
@@ -262,6 +269,7 @@ def dataset_create(
         tolerations=tolerations,
         pin=pin,
         credentials_secret=credentials_secret,
+        max_replicas=max_replicas,
     ).apply(spec)
     response = client.datasets.CreateDataset(pb.CreateDatasetRequest(dataset=spec))
     _echo_dataset(response.dataset, output, f"dataset {response.dataset.name} created")
@@ -281,6 +289,7 @@ def dataset_update(
     tolerations: tuple[str, ...],
     pin: bool | None,
     credentials_secret: str | None,
+    max_replicas: int | None,
     clear_node_selector: bool,
     clear_tolerations: bool,
     output: str,
@@ -297,6 +306,7 @@ def dataset_update(
         tolerations=tolerations if tolerations or clear_tolerations else None,
         pin=pin,
         credentials_secret=credentials_secret,
+        max_replicas=max_replicas,
     )
     spec = pb.Dataset(name=name)
     paths = flags.apply(spec)
@@ -304,7 +314,7 @@ def dataset_update(
         raise click.UsageError(
             "nothing to update: give at least one of --source, --replicas, --node-selector, "
             "--clear-node-selector, --toleration, --clear-tolerations, --pin/--no-pin, "
-            "--credentials-secret"
+            "--credentials-secret, --max-replicas"
         )
     client: Client = ctx.obj
     response = client.datasets.UpdateDataset(

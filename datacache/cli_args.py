@@ -106,6 +106,7 @@ class SpecFlags:
     tolerations: tuple[str, ...] | None = None
     pin: bool | None = None
     credentials_secret: str | None = None
+    max_replicas: int | None = None
 
     def apply(self, dataset: pb.Dataset) -> list[str]:
         """Sets the given fields on `dataset`; returns the update-mask paths they cover."""
@@ -132,4 +133,7 @@ class SpecFlags:
         if self.credentials_secret is not None:
             dataset.credentials_secret = self.credentials_secret
             paths.append("credentials_secret")
+        if self.max_replicas is not None:
+            dataset.max_replicas = self.max_replicas
+            paths.append("max_replicas")
         return paths

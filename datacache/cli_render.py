@@ -101,6 +101,11 @@ def render_dataset(dataset: pb.Dataset) -> str:
         lines.append(f"Selector:    {selector}")
     if dataset.tolerations:
         lines.append(f"Tolerations: {', '.join(toleration_text(t) for t in dataset.tolerations)}")
+    if dataset.max_replicas > dataset.replicas and not dataset.all_nodes:
+        lines.append(
+            f"Demand:      {dataset.status.demand} trials, target "
+            f"{dataset.status.target_replicas} (max {dataset.max_replicas})"
+        )
     if dataset.pin:
         lines.append("Pinned:      yes")
     if dataset.credentials_secret:

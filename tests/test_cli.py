@@ -266,6 +266,9 @@ def test_dataset_lifecycle_and_errors(local: LocalCluster) -> None:
         assert text in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.output + result.stderr
 
+    updated = json.loads(ok(local, "dataset", "update", "plain", "--max-replicas=4", "-o", "json"))
+    assert updated["maxReplicas"] == 4
+    assert "(max 4)" in ok(local, "dataset", "get", "plain")
     assert ok(local, "dataset", "delete", "plain").strip() == "dataset default/plain deleted"
     wait_until(
         lambda: cli(local, "dataset", "get", "plain").exit_code == 1, 30, "plain to be deleted"

@@ -43,6 +43,9 @@ def test_create_validates_every_field(tmp_path: Path) -> None:
                 ({"credentials_secret": "Not/A/Secret"}, "credentials_secret"),
                 ({"replicas": 0}, "replicas"),
                 ({"replicas": 10_001}, "replicas"),
+                ({"replicas": 2, "max_replicas": 1}, "max_replicas"),
+                ({"max_replicas": 10_001}, "max_replicas"),
+                ({"all_nodes": True, "replicas": 0, "max_replicas": 3}, "all_nodes"),
                 ({"name": "ns/x/y"}, "more than one"),
                 ({"source": "ftp://x/y"}, "scheme"),
             ]
@@ -69,6 +72,9 @@ def test_create_validates_every_field(tmp_path: Path) -> None:
             assert made.update_time.seconds > 0
             assert code_of(lambda: create(name="team-a/imagenet")) == grpc.StatusCode.ALREADY_EXISTS
             assert create(name="plain").dataset.name == "default/plain"
+            scaling = create(name="sweep", replicas=1, max_replicas=4).dataset
+            assert scaling.max_replicas == 4
+            assert scaling.status.target_replicas == 1
 
 
 def test_update_mask_and_refresh_start_revisions(tmp_path: Path) -> None:
@@ -107,6 +113,13 @@ def test_update_mask_and_refresh_start_revisions(tmp_path: Path) -> None:
             second = update(["node_selector"], node_selector={"gpu": "yes"}, replicas=9)
             assert second.replicas == 3 and dict(second.node_selector) == {"gpu": "yes"}
             assert second.resource_version > first.resource_version
+            assert update(["max_replicas"], max_replicas=6).max_replicas == 6
+            assert "max_replicas" in details_of(lambda: update(["max_replicas"], max_replicas=2))
+            # A scale past an unchanged max_replicas is allowed: demand stops raising it.
+            assert update(["replicas"], replicas=7).max_replicas == 6
+            assert (
+                update(["replicas", "max_replicas"], replicas=3, max_replicas=0).max_replicas == 0
+            )
             # Same source: no new revision; another source: a new one.
             assert update(["source"], source=SOURCE).revision == 1
             assert update(["source"], source="s3://bucket/other/").revision == 2

@@ -264,6 +264,7 @@ def test_old_database_is_migrated_in_place(tmp_path: Path) -> None:
             False,
         )
         assert record.update_time == 1000.0
+        assert record.max_replicas == 0
         assert store.assignments() == {"default/old": frozenset({"node-1"})}
         (report,) = store.reports()
         assert (report.digest, report.revision, report.serving_version) == ("sha256:x", 0, "")

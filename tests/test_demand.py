@@ -20,6 +20,7 @@ from coordinator.demand import (
     tolerates_all,
     wanted_replicas,
 )
+from coordinator.demand_service import DemandScaler
 
 GPU = "nvidia.com/gpu"
 NODES = {
@@ -169,3 +170,20 @@ def test_pod_demand_reads_what_the_scheduler_reads() -> None:
     pod["status"] = {"phase": "Succeeded"}
     assert pod_demand(pod) is None
     assert pod_demand({"metadata": {"name": "p"}, "spec": {}}) is None
+
+
+def test_scaler_keeps_held_replicas_after_a_restart_until_the_cooldown() -> None:
+    scaler = DemandScaler(cooldown_seconds=10)
+    specs = [("ml/data", 1, 4), ("ml/fixed", 2, 0)]
+    # A fresh scaler (a restarted coordinator) with no demand listed yet keeps what is held.
+    held = {"ml/data": 3, "ml/fixed": 5}
+    assert scaler.targets(specs, {}, now=100.0, held=held) == {"ml/data": 3, "ml/fixed": 2}
+    assert scaler.next_cooldown_end() == 110.0
+    assert scaler.targets(specs, {}, now=105.0, held=held)["ml/data"] == 3
+    assert scaler.targets(specs, {}, now=110.0, held=held)["ml/data"] == 1
+    assert scaler.next_cooldown_end() is None
+    # Demand raises it again at once.
+    demand = {"ml/data": DatasetDemand(8, frozenset({"a", "b", "c", "d", "e"}))}
+    assert scaler.targets(specs, demand, now=111.0)["ml/data"] == 4
+    assert scaler.target("ml/data") == 4
+    assert scaler.next_cooldown_end() == 121.0

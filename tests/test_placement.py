@@ -115,6 +115,21 @@ def test_prefers_nodes_holding_an_older_version() -> None:
         assert result["a"] == {holder}
 
 
+def test_added_replicas_go_where_demanding_pods_run_first() -> None:
+    nodes = plain(*NAMES)
+    nodes["node-7"] = Node("node-7", unschedulable=True)
+    prefer = frozenset({"node-3", "node-6", "node-7"})
+    current = {"a": frozenset({"node-1"})}
+    result = place([Want("a", 3, prefer=prefer)], nodes, current, {})
+    # Cordoned node-7 cannot take one; the rest of the count follows the usual order.
+    assert result["a"] == {"node-1", "node-3", "node-6"}
+    more = place([Want("a", 4, prefer=prefer)], nodes, current, {})["a"]
+    assert {"node-1", "node-3", "node-6"} < more and "node-7" not in more
+    # A node holding a copy still comes first: it moves the least data.
+    held = place([Want("a", 2, prefer=prefer)], nodes, current, {}, {"a": frozenset({"node-2"})})
+    assert held["a"] == {"node-1", "node-2"}
+
+
 def test_node_selector_taints_and_cordon() -> None:
     nodes = {
         "gpu": Node("gpu", {"gpu": "yes"}),
