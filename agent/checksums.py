@@ -27,7 +27,7 @@ from typing import Any
 from awscrt import checksums as crt
 
 try:
-    from isal.isal_zlib import crc32 as _crc32
+    from isal.isal_zlib import crc32 as _crc32  # type: ignore[import-not-found, unused-ignore]
 except ImportError:  # pragma: no cover - the optional faster CRC32
     _crc32 = crt.crc32
 

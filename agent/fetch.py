@@ -8,9 +8,9 @@ its bytes as they arrive, and whatever else verification needs (the CRC the sour
 or the MD5 of a part); a file's CRCs are the combination of its units' (no second pass).
 
 Sources that implement `BufferedSource` (the S3 fast path) are read with `readinto` into one
-reused `READ_CHUNK_BYTES` (1 MiB) buffer per thread, written with one `pwrite` per buffer;
-others hand out chunks of at most that size. Either way the engine's buffers stay below
-`concurrency x 1 MiB` (16 MiB by default) whatever the file sizes.
+reused 256 KiB buffer per thread, written with one `pwrite` per buffer; others hand out chunks
+of at most `READ_CHUNK_BYTES` (1 MiB). Either way the engine's buffers stay below
+`concurrency x 1 MiB` (8 MiB by default) whatever the file sizes.
 
 Every file is created beneath the staging directory through directory file descriptors with
 O_NOFOLLOW, size-checked, verified (see `verify`), and fsynced; then every directory is
@@ -66,7 +66,6 @@ from agent.manifest import (
     FileEntry,
 )
 from agent.sources.base import (
-    READ_CHUNK_BYTES,
     BufferedSource,
     ChecksummedSource,
     ObjectInfo,
@@ -84,6 +83,11 @@ VERIFIED_COMPOSITE_SUFFIX = "-composite"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MAX_RESTARTS = 3
 _RETRY_REASONS = {"retries": "transport", "checksum_failures": "checksum", "restarts": "changed"}
+_COPY_BUFFER_BYTES = 256 * 1024
+"""Read buffer per thread on the buffered path. Small enough that the bytes `recv_into` just
+wrote are still in the CPU cache when the CRCs and `pwrite` read them, and that each `pwrite`
+holds the file's inode lock briefly: on one 1 GiB object 1 MiB buffers cost 2.8-2.95 s of CPU
+and 256 KiB ones 1.5-1.6 s (docs/benchmarks.md); 64 and 128 KiB were no better."""
 _KEPT_DIR_FDS = 256
 """Up to this many directories stay open during a copy (saves two opens per file)."""
 _MAX_PART_UNIT_BYTES = 256 * 1024 * 1024
@@ -94,10 +98,9 @@ many parts as threads (one thread reads a part, so fewer would leave threads idl
 @dataclass(frozen=True)
 class FetchSettings:
     concurrency: int = 8
-    """Parallel reads (threads). Memory: concurrency x 1 MiB of read buffers. Measured on 2
-    cores with the server beside the agent (docs/benchmarks.md): 8 threads beat 4, 16 and 32
-    on 2,000 small files, and 6-8 threads beat 16 on one large file (16 threads writing one
-    file contend for its inode lock and for the GIL)."""
+    """Parallel reads (threads). Memory: at most concurrency x 1 MiB of read buffers. Measured on
+    2 cores with the server beside the agent (docs/benchmarks.md): 8 threads beat 4, 6, 16 and
+    32 on 2,000 small files; on one large file 4-8 threads were mostly ahead of 16."""
     part_bytes: int = 16 * 1024 * 1024
     """Range size for large files, bytes. Memory does not depend on it (reads stream)."""
     multipart_threshold_bytes: int = 16 * 1024 * 1024
@@ -362,7 +365,7 @@ class _Engine:
         """This thread's read buffer, reused for every unit it copies."""
         view: memoryview | None = getattr(self._local, "buffer", None)
         if view is None:
-            view = self._local.buffer = memoryview(bytearray(READ_CHUNK_BYTES))
+            view = self._local.buffer = memoryview(bytearray(_COPY_BUFFER_BYTES))
         return view
 
     def _with_retries(self, what: str, action: Callable[[], None]) -> None:
@@ -407,7 +410,7 @@ class _Engine:
             buf, pos, end = self._buffer(), offset, offset + length
             crc, crc2 = 0, 0
             while pos < end:
-                n = body.readinto(buf[: min(READ_CHUNK_BYTES, end - pos)])
+                n = body.readinto(buf[: min(_COPY_BUFFER_BYTES, end - pos)])
                 if n == 0:
                     raise SourceError(f"reading {obj.key!r}: the body ended {end - pos} early")
                 if self.cancel.is_set():
@@ -491,6 +494,12 @@ class _Engine:
                     "Multipart parts too large to verify part by part (%d bytes, %d parts)",
                     layout.part_size,
                     layout.count,
+                    extra={"object": obj.key},
+                )
+            else:
+                log.info(
+                    "The source did not tell the parts of a multipart upload (or they differ "
+                    "in size): verified by checksum or manifest only",
                     extra={"object": obj.key},
                 )
         if job.layout is None and size > self.settings.multipart_threshold_bytes:
