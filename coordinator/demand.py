@@ -21,24 +21,9 @@ from dataclasses import dataclass, field
 
 from coordinator.cluster import NodeFacts, Taint
 from coordinator.labels import LABEL_PREFIX
+from coordinator.model import Toleration
+from coordinator.placement import tolerates
 from datacache.validation import InvalidInput, validate_dataset_name
-
-
-@dataclass(frozen=True)
-class Toleration:
-    key: str = ""
-    operator: str = "Equal"
-    """Equal or Exists."""
-    value: str = ""
-    effect: str = ""
-    """Empty: every effect."""
-
-    def tolerates(self, taint: Taint) -> bool:
-        if self.effect and self.effect != taint.effect:
-            return False
-        if self.operator == "Exists":
-            return not self.key or self.key == taint.key
-        return self.key == taint.key and self.value == taint.value
 
 
 def tolerates_all(tolerations: Iterable[Toleration], taints: Iterable[Taint]) -> bool:
@@ -46,7 +31,7 @@ def tolerates_all(tolerations: Iterable[Toleration], taints: Iterable[Taint]) ->
     (PreferNoSchedule taints never forbid it)."""
     tolerations = tuple(tolerations)
     return all(
-        any(t.tolerates(taint) for t in tolerations)
+        tolerates(tolerations, taint)
         for taint in taints
         if taint.effect in ("NoSchedule", "NoExecute")
     )

@@ -23,11 +23,11 @@ from coordinator.demand import (
     ExplicitDemand,
     PodDemand,
     ScaleState,
-    Toleration,
     Trial,
     demand_by_dataset,
     next_scale,
 )
+from coordinator.model import Toleration
 from datacache.v1 import datacache_pb2 as pb
 from datacache.v1 import datacache_pb2_grpc as pb_grpc
 from datacache.validation import InvalidInput, validate_dataset_name

@@ -34,6 +34,13 @@ class ListWatchSettings:
     request_timeout_seconds: float = 30.0
     """Client-side timeout of a list request, seconds."""
     backoff: BackoffSettings = field(default_factory=BackoffSettings)
+    """Delays between attempts after errors."""
+
+    def __post_init__(self) -> None:
+        if self.watch_timeout_seconds < 1:
+            raise ValueError(
+                f"watch_timeout_seconds must be at least 1, got {self.watch_timeout_seconds}"
+            )
 
 
 class ListWatch:

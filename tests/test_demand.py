@@ -12,7 +12,6 @@ from coordinator.demand import (
     PodDemand,
     Requirement,
     ScaleState,
-    Toleration,
     Trial,
     demand_by_dataset,
     next_scale,
@@ -21,6 +20,7 @@ from coordinator.demand import (
     wanted_replicas,
 )
 from coordinator.demand_service import DemandScaler
+from coordinator.model import Toleration
 
 GPU = "nvidia.com/gpu"
 NODES = {
