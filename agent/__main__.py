@@ -30,6 +30,8 @@ from agent.fetch import FetchSettings, Progress, fetch_into, plan
 from agent.health import HealthServer
 from agent.index import CacheIndex
 from agent.manifest import Manifest
+from agent.peering import PeerKeys, PeerSettings
+from agent.peerserver import Lookup, PeerServer
 from agent.runner import Agent
 from agent.settings import AgentSettings, TlsSettings
 from agent.sources import SourceOpener
@@ -37,7 +39,12 @@ from agent.sources.nfs import NfsSettings
 from agent.sources.s3 import S3Settings
 from agent.store import CacheStore
 from datacache import __version__, logs
-from datacache.validation import InvalidInput, parse_source, validate_node_name
+from datacache.validation import (
+    InvalidInput,
+    parse_source,
+    validate_node_name,
+    validate_peer_address,
+)
 
 _FETCH = FetchSettings()
 F = TypeVar("F", bound=Callable[..., Any])
@@ -109,6 +116,87 @@ def transfer_options(fn: F) -> F:
     for decorate in reversed(decorators):
         fn = decorate(fn)
     return fn
+
+
+_PEER = PeerSettings()
+
+
+def peer_options(fn: F) -> F:
+    """Options of peer copying (`agent.peering`)."""
+    decorators = [
+        option(
+            "peer-key-file",
+            type=click.Path(dir_okay=False, path_type=Path),
+            default=None,
+            help="Shared cluster keys for peer copying, one per line; unset: no peer copying.",
+        ),
+        option(
+            "peer-port",
+            type=click.IntRange(0, 65535),
+            default=_PEER.port,
+            help="Serve Ready versions to other agents on this port (0: serve none).",
+        ),
+        option("peer-listen-address", default=_PEER.listen_address, help="Peer server address."),
+        option(
+            "peer-advertise-address",
+            default=_PEER.advertise_address,
+            help="host:port other agents dial (in a cluster: $(POD_IP):9403); unset: not "
+            "advertised, so no agent reads from this one.",
+        ),
+        option(
+            "peer-serve-bytes-per-second",
+            type=click.FloatRange(1024 * 1024),
+            default=_PEER.serve_bytes_per_second,
+            help="Most bytes/s served to all peers together.",
+        ),
+        option(
+            "peer-serve-max-connections",
+            type=click.IntRange(1, 1024),
+            default=_PEER.serve_max_connections,
+            help="Most peer reads served at once (503 beyond).",
+        ),
+        option(
+            "peer-stall-seconds",
+            type=click.FloatRange(0.1, 600),
+            default=_PEER.stall_seconds,
+            help="Leave a peer silent for this long (s).",
+        ),
+        option(
+            "peer-min-bytes-per-second",
+            type=click.FloatRange(0),
+            default=_PEER.min_bytes_per_second,
+            help="Leave a peer slower than this over a read (bytes/s).",
+        ),
+        option(
+            "peer-avoid-seconds",
+            type=click.FloatRange(0),
+            default=_PEER.avoid_seconds,
+            help="How long a failed peer is not asked (s).",
+        ),
+    ]
+    for decorate in reversed(decorators):
+        fn = decorate(fn)
+    return fn
+
+
+def _peer_settings(kwargs: dict[str, Any]) -> PeerSettings:
+    advertise = kwargs["peer_advertise_address"]
+    if advertise:
+        try:
+            validate_peer_address(advertise)
+        except InvalidInput as exc:
+            raise click.BadParameter(str(exc), param_hint="--peer-advertise-address") from exc
+    return PeerSettings(
+        key_file=kwargs["peer_key_file"],
+        port=kwargs["peer_port"],
+        listen_address=kwargs["peer_listen_address"],
+        advertise_address=advertise if kwargs["peer_port"] else "",
+        serve_bytes_per_second=kwargs["peer_serve_bytes_per_second"],
+        serve_max_connections=kwargs["peer_serve_max_connections"],
+        stall_seconds=kwargs["peer_stall_seconds"],
+        min_bytes_per_second=kwargs["peer_min_bytes_per_second"],
+        avoid_seconds=kwargs["peer_avoid_seconds"],
+    )
 
 
 def _fetch_settings(kwargs: dict[str, Any]) -> FetchSettings:
@@ -294,6 +382,7 @@ def main() -> None:
     default=None,
     help="Name the coordinator's certificate must carry, when the address is not one it names.",
 )
+@peer_options
 @transfer_options
 def run(**kwargs: Any) -> None:
     """Run the agent for one node: register with the coordinator and keep its datasets."""
@@ -326,7 +415,14 @@ def run(**kwargs: Any) -> None:
         retry_base_seconds=kwargs["retry_base_seconds"],
         scrub_interval_seconds=kwargs["scrub_interval_seconds"],
         scrub_bytes_per_second=kwargs["scrub_bytes_per_second"],
+        peer=_peer_settings(kwargs),
     )
+    peer_keys = None
+    if settings.peer.key_file is not None:
+        try:
+            peer_keys = PeerKeys(settings.peer.key_file)
+        except AgentError as exc:
+            raise click.BadParameter(str(exc), param_hint="--peer-key-file") from exc
     sources = DatasetSources(SourceOpener(settings.s3, settings.nfs), settings.s3)
     if kwargs["metrics_port"]:
         prometheus_client.start_http_server(
@@ -340,14 +436,53 @@ def run(**kwargs: Any) -> None:
             loop.add_signal_handler(sig, stop.set)
         health = await _start_health(settings)
         store = CacheStore(settings.cache_dir)
-        agent = Agent(settings, store, sources.open, CacheIndex.open(store.root), health)
+        started: list[Agent] = []
+        peers = _start_peer_server(
+            settings.peer,
+            peer_keys,
+            lambda dataset, version: (
+                started[0].served_version(dataset, version) if started else None
+            ),
+        )
+        agent = Agent(
+            settings,
+            store,
+            sources.open,
+            CacheIndex.open(store.root),
+            health,
+            peer_keys,
+            peer_address=settings.peer.advertise_address if peers is not None else "",
+        )
+        started.append(agent)
         try:
             await agent.run(stop)
         finally:
+            if peers is not None:
+                peers.stop()
             if health is not None:
                 await health.stop()
 
     asyncio.run(serve())
+
+
+def _start_peer_server(
+    settings: PeerSettings, keys: PeerKeys | None, lookup: Lookup
+) -> PeerServer | None:
+    if keys is None or not settings.port:
+        return None
+    try:
+        server = PeerServer(settings, keys, lookup)
+    except OSError as exc:
+        # Other agents then read from the source; this node's own copies are unaffected.
+        logging.getLogger("agent").error(
+            "Peer server not started on %s:%d (%s): set --peer-port to a free port",
+            settings.listen_address,
+            settings.port,
+            exc.strerror,
+        )
+        return None
+    server.start()
+    return server
 
 
 async def _start_health(settings: AgentSettings) -> HealthServer | None:

@@ -17,11 +17,17 @@ O_NOFOLLOW, size-checked, verified (see `verify`), and fsynced; then every direc
 fsynced. Verification, strongest available first (the method is recorded per file):
 
 1. the source's full-object checksum (S3 CRC64NVME, CRC32C or CRC32): `crc64nvme`, ...;
-2. a multipart upload's composite checksum, over its parts' CRCs: `crc32c-composite`, ...;
-3. a multipart upload's ETag, the MD5 of its parts' MD5s: `md5-multipart`;
-4. the MD5 of a single-part S3 ETag: `md5-etag`;
-5. the dataset version's manifest (the first complete copy's CRC64 per file): `manifest`;
+2. the dataset version's manifest, when the version is fixed (the first complete copy's
+   CRC64 per file): `manifest`;
+3. a multipart upload's composite checksum, over its parts' CRCs: `crc32c-composite`, ...;
+4. a multipart upload's ETag, the MD5 of its parts' MD5s: `md5-multipart`;
+5. the MD5 of a single-part S3 ETag: `md5-etag`;
 6. otherwise the file is recorded as `unverified` (size only), never silently trusted.
+
+A `RoutedSource` (peers in front of the origin) learns which server sent bytes that failed:
+a file read whole is blamed on its sender and read again from the origin; a file read as
+ranges is read again range by range from the origin, and the senders of the ranges that differ
+are blamed.
 
 A failed unit is retried a bounded number of times (a small file whose bytes fail
 verification is fetched again); an object that changed since it was listed (HTTP 412 on
@@ -70,6 +76,7 @@ from agent.sources.base import (
     ChecksummedSource,
     ObjectInfo,
     PartLayout,
+    RoutedSource,
     Source,
 )
 
@@ -350,6 +357,7 @@ class _Engine:
     ) -> None:
         self.source = source
         self.buffered = source if isinstance(source, BufferedSource) else None
+        self.routed = source if isinstance(source, RoutedSource) else None
         self.checksummed = source if isinstance(source, ChecksummedSource) else None
         self.journal = journal
         self.dirs = dirs
@@ -404,7 +412,11 @@ class _Engine:
             if not job.ranged:
                 # A whole-object read learns what to compute from the response itself.
                 other = stated.algorithm if stated and stated.algorithm != "crc64nvme" else None
-                md5 = stated is None and bool(checksums.MD5_ETAG.fullmatch(obj.etag))
+                md5 = (
+                    stated is None
+                    and job.path not in self.expected
+                    and bool(checksums.MD5_ETAG.fullmatch(obj.etag))
+                )
             crc_other = checksums.crc_function(other) if other is not None else None
             digest = hashlib.md5(usedforsecurity=False) if md5 else None
             buf, pos, end = self._buffer(), offset, offset + length
@@ -475,7 +487,11 @@ class _Engine:
         job.stated_known = True
         if job.stated is not None:
             job.other = job.stated.algorithm if job.stated.algorithm != "crc64nvme" else None
-        elif self.buffered is not None and checksums.MULTIPART_ETAG.fullmatch(obj.etag):
+        elif (
+            self.buffered is not None
+            and job.path not in self.expected
+            and checksums.MULTIPART_ETAG.fullmatch(obj.etag)
+        ):
             layout = self.buffered.part_layout(obj)
             usable = layout is not None and (
                 layout.count >= self.settings.concurrency
@@ -555,7 +571,13 @@ class _Engine:
                 job.results = {0: digests}
                 if self.buffered is not None:
                     job.stated, job.stated_known = stated, True
-                self._verify_and_close(job, keep_open_on_error=True)
+                try:
+                    self._verify_and_close(job, keep_open_on_error=True)
+                except VerificationError:
+                    if self.routed is not None:
+                        self.routed.distrust(obj)
+                        self.routed.blame(obj, 0)
+                    raise
 
             try:
                 self._with_retries(f"reading {obj.key!r}", attempt)
@@ -590,14 +612,43 @@ class _Engine:
 
     def finish_ranged(self, job: _FileJob) -> None:
         # Which range was wrong cannot be told from a whole-file checksum: a mismatch fails
-        # the copy (and forgets the file's journalled ranges), and the dataset is fetched again.
+        # the copy (and forgets the file's journalled ranges), and the dataset is fetched again
+        # - unless the ranges came from peers: then they are read again from the origin.
+        routed = self.routed
         try:
-            self._verify_and_close(job, keep_open_on_error=False)
+            self._verify_and_close(job, keep_open_on_error=routed is not None)
         except VerificationError:
             self.progress.count("checksum_failures")
             if self.journal is not None:
                 self.journal.drop_ranges(job.path)
-            raise
+            if routed is None:
+                raise
+            try:
+                self._reread_from_origin(job, routed)
+            finally:
+                job.close()
+
+    def _reread_from_origin(self, job: _FileJob, routed: RoutedSource) -> None:
+        """Reads every range of a file that failed verification again (the source sends
+        them to the origin now), blames the senders of the ranges that differed, and
+        verifies the file again."""
+        obj = job.obj
+        routed.distrust(obj)
+        log.warning(
+            "Reading a file from peers failed verification; reading it from the origin",
+            extra={"object": obj.key},
+        )
+        found: dict[int, _Digests] = {}
+        for offset, length in job.units:
+
+            def attempt(offset: int = offset, length: int = length) -> None:
+                found[offset] = self._copy(job, obj, offset, length)[0]
+
+            self._with_retries(f"reading {obj.key!r} bytes {offset}+{length}", attempt)
+            if found[offset].crc64 != job.results[offset].crc64:
+                routed.blame(obj, offset)
+            job.results[offset] = found[offset]
+        self._verify_and_close(job, keep_open_on_error=False)
 
     def _verify_and_close(self, job: _FileJob, keep_open_on_error: bool) -> None:
         obj = job.obj
@@ -656,6 +707,15 @@ class _Engine:
                     f"the source's ({stated.value:x})"
                 )
             return stated.algorithm
+        expected = self.expected.get(job.path)
+        if expected is not None:
+            # The first verified copy's CRC64: as strong as the checks below and free (the
+            # CRC64 is computed anyway), so a copy of a fixed version needs no MD5 pass.
+            if (expected.size, expected.crc64nvme) != (obj.size, f"{crc:016x}"):
+                raise VerificationError(
+                    f"{obj.key!r}: content differs from the dataset version's manifest"
+                )
+            return VERIFIED_MANIFEST
         if job.layout is not None and job.composite is not None:
             if not job.composite.matches([d.other or 0 for d in ordered]):
                 raise VerificationError(
@@ -679,13 +739,6 @@ class _Engine:
                     f"{obj.key!r}: MD5 of the copy {md5} differs from the ETag {obj.etag}"
                 )
             return VERIFIED_MD5_ETAG
-        expected = self.expected.get(job.path)
-        if expected is not None:
-            if (expected.size, expected.crc64nvme) != (obj.size, f"{crc:016x}"):
-                raise VerificationError(
-                    f"{obj.key!r}: content differs from the dataset version's manifest"
-                )
-            return VERIFIED_MANIFEST
         return UNVERIFIED
 
 
@@ -810,6 +863,7 @@ def fetch_into(
                 or (
                     engine.buffered is not None
                     and j.obj.size > 0
+                    and j.path not in engine.expected
                     and checksums.MULTIPART_ETAG.fullmatch(j.obj.etag)
                 )
             ],

@@ -81,7 +81,43 @@ SCRUBBED_FILES = Counter(
     ["result"],
     registry=REGISTRY,
 )
+PEER_RECEIVED_BYTES = Counter(
+    "datacache_agent_peer_received_bytes",
+    "Bytes of dataset copies read from other agents (peers) instead of the source.",
+    registry=REGISTRY,
+)
+PEER_ORIGIN_BYTES = Counter(
+    "datacache_agent_peer_origin_bytes",
+    "Bytes of copies that had peers but were read from the source: no peer could serve them, "
+    "or a peer failed while serving them.",
+    registry=REGISTRY,
+)
+PEER_FALLBACKS = Counter(
+    "datacache_agent_peer_fallbacks",
+    "Times a peer was left (and avoided for a while), by reason: gone (refused connection, "
+    "reset), stalled (silent), slow, refused (an HTTP error, e.g. not Ready there), corrupt "
+    "(its bytes failed verification against the version's manifest).",
+    ["reason"],
+    registry=REGISTRY,
+)
+PEER_SERVED_BYTES = Counter(
+    "datacache_agent_peer_served_bytes",
+    "Bytes this agent served to other agents.",
+    registry=REGISTRY,
+)
+PEER_REQUESTS = Counter(
+    "datacache_agent_peer_requests",
+    "Peer reads this agent answered, by result: ok, aborted (the connection failed while "
+    "sending), unauthorized, not_ready (the version or file is not Ready here), busy, "
+    "bad_request.",
+    ["result"],
+    registry=REGISTRY,
+)
 
+for reason in ("gone", "stalled", "slow", "refused", "corrupt"):
+    PEER_FALLBACKS.labels(reason)
+for result in ("ok", "aborted", "unauthorized", "not_ready", "busy", "bad_request"):
+    PEER_REQUESTS.labels(result)
 for reason in ("transport", "checksum", "changed"):
     FETCH_RETRIES.labels(reason)
 for result in ("ok", "corrupt"):

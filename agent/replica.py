@@ -14,6 +14,7 @@ from agent import lastuse
 from agent.credentials import DatasetCredentials
 from agent.fetch import Progress
 from agent.manifest import Manifest
+from agent.sources.peer import Peer, valid_peers
 from datacache.v1 import datacache_pb2 as pb
 
 
@@ -43,6 +44,8 @@ class Want:
     version: str = ""
     """The revision's fixed version ("sha256:<hex>"), empty until a copy fixed it."""
     credentials: DatasetCredentials | None = None
+    peers: tuple[Peer, ...] = ()
+    """Agents holding a Ready copy of `version`, to copy from before the source."""
 
     @classmethod
     def from_pb(cls, message: pb.DesiredDataset) -> Want:
@@ -51,6 +54,9 @@ class Want:
             message.revision,
             message.version,
             DatasetCredentials.from_pb(message),
+            valid_peers([(p.node_name, p.address) for p in message.peers])
+            if message.version
+            else (),
         )
 
 

@@ -28,7 +28,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 import grpc
@@ -44,16 +44,19 @@ from agent.errors import (
     NeedRoom,
     VersionUnavailable,
 )
-from agent.fetch import fetch_into, plan
+from agent.fetch import PlannedFile, fetch_into, plan
 from agent.health import HealthServer
 from agent.index import CacheIndex
 from agent.journal import Journal
 from agent.journal import load as load_journal
 from agent.manifest import FileEntry, Manifest
+from agent.peering import PeerKeys
+from agent.peerserver import ServedVersion
 from agent.replica import Phase, Replica, Want, needs_copy, pressure
 from agent.scrub import RateLimiter, find_corrupt, quarantine, repair
 from agent.settings import AgentSettings
-from agent.sources import Source
+from agent.sources import ObjectInfo, Source
+from agent.sources.peer import PeerHealth, PeerSource
 from agent.store import CacheStore
 from datacache import __version__
 from datacache.v1 import datacache_pb2 as pb
@@ -76,12 +79,21 @@ class Agent:
         source_for: SourceFactory,
         index: CacheIndex | None = None,
         health: HealthServer | None = None,
+        peer_keys: PeerKeys | None = None,
+        *,
+        peer_address: str = "",
     ) -> None:
         self._settings = settings
         self._store = store
         self._source_for = source_for
         self._index = index if index is not None else CacheIndex.open(store.root)
         self._health = health
+        self._peer_keys = peer_keys
+        """The cluster's peer keys; None: no peer copying."""
+        self._peer_address = peer_address
+        """Where this agent serves peers ('' when it does not)."""
+        self._peer_health = PeerHealth()
+        self._served: dict[str, tuple[Manifest, ServedVersion]] = {}
         self._replicas: dict[str, Replica] = {}
         self._desired: dict[str, Want] | None = None
         self._changed = asyncio.Event()
@@ -294,12 +306,19 @@ class Agent:
     ) -> Manifest:
         want = replica.want
         source = self._source_for(want.source, want.credentials)
-        files, refused = plan(list(source.list()))
-        if expected is not None:
-            files = versioning.select(files, expected, want.version, want.source)
+        if expected is not None and want.peers and self._peer_keys is not None:
+            # The fixed version is copied as its manifest lists it, from the peers holding it:
+            # the source is not even listed, and is read only where no peer can serve.
+            files, source = self._from_peers(name, want, expected, source, self._peer_keys)
         else:
-            for key, reason in refused:
-                log.warning("Refused object: %s", reason, extra={"dataset": name, "object": key})
+            files, refused = plan(list(source.list()))
+            if expected is not None:
+                files = versioning.select(files, expected, want.version, want.source)
+            else:
+                for key, reason in refused:
+                    log.warning(
+                        "Refused object: %s", reason, extra={"dataset": name, "object": key}
+                    )
         self._reserve_room(name, sum(f.obj.size for f in files))
         replica.phase, replica.message, replica.missing_bytes = Phase.FETCHING, "", 0
         staged, journal_path = self._store.staging_for(name, want.source)
@@ -341,6 +360,57 @@ class Agent:
             # next start.
             log.warning("Index not updated: %s", exc, extra={"dataset": name})
         return manifest
+
+    def _from_peers(
+        self,
+        name: str,
+        want: Want,
+        expected: Mapping[str, FileEntry],
+        origin: Source,
+        keys: PeerKeys,
+    ) -> tuple[list[PlannedFile], PeerSource]:
+        objects = [ObjectInfo(path, e.size, e.etag) for path, e in sorted(expected.items())]
+        files, refused = plan(objects)
+        if refused:
+            raise VersionUnavailable(
+                f"the manifest of version {want.version} lists unsafe paths ({refused[0][1]})"
+            )
+        log.info(
+            "Copying version %s from peers %s",
+            want.version,
+            ", ".join(p.node for p in want.peers),
+            extra={"dataset": name},
+        )
+        source = PeerSource(
+            want.peers,
+            origin,
+            objects,
+            name,
+            want.version,
+            self._settings.node_name,
+            keys,
+            self._settings.peer,
+            self._peer_health,
+        )
+        return files, source
+
+    def served_version(self, name: str, version: str) -> ServedVersion | None:
+        """The version to serve a peer: only a Ready copy of exactly `version` that is not
+        being replaced, repaired or deleted (called from the peer server's threads)."""
+        replica = self._replicas.get(name)
+        if replica is None or replica.phase is not Phase.READY or replica.task is not None:
+            return None
+        held = replica.manifest
+        if held is None or held.digest != version:
+            return None
+        cached = self._served.get(name)
+        if cached is None or cached[0] is not held:
+            files = {f.path: f for f in held.files}
+            cached = self._served[name] = (
+                held,
+                ServedVersion(self._store.version_dir(held), files),
+            )
+        return cached[1]
 
     async def _fixed_manifest(self, name: str, version: str) -> dict[str, FileEntry] | None:
         """The fixed version's manifest from the coordinator; None when none is fixed."""
@@ -596,6 +666,7 @@ class Agent:
                     cache_free_bytes=room.free_bytes,
                     agent_version=__version__,
                     node_labels=dict(self._settings.node_labels),
+                    peer_address=self._peer_address,
                 ),
                 timeout=_RPC_TIMEOUT_SECONDS,
                 wait_for_ready=True,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.fetch import FetchSettings
+from agent.peering import PeerSettings
 from agent.sources.nfs import NfsSettings
 from agent.sources.s3 import S3Settings
 
@@ -60,6 +61,7 @@ class AgentSettings:
     use is then the publish time)."""
 
     fetch: FetchSettings = field(default_factory=FetchSettings)
+    peer: PeerSettings = field(default_factory=PeerSettings)
     s3: S3Settings = field(default_factory=S3Settings)
     nfs: NfsSettings = field(default_factory=NfsSettings)
 

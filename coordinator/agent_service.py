@@ -27,7 +27,12 @@ from coordinator.store import Store
 from coordinator.views import STATE_FROM_PB
 from datacache.v1 import datacache_pb2 as pb
 from datacache.v1 import datacache_pb2_grpc as pb_grpc
-from datacache.validation import InvalidInput, validate_dataset_name, validate_node_name
+from datacache.validation import (
+    InvalidInput,
+    validate_dataset_name,
+    validate_node_name,
+    validate_peer_address,
+)
 from datacache.versions import manifest_digest
 
 log = logging.getLogger(__name__)
@@ -190,6 +195,11 @@ class AgentService(pb_grpc.AgentServiceServicer):
     ) -> pb.RegisterAgentResponse:
         node, cache_id, uid = _validate_identity(request.agent)
         labels = validate_labels(request.node_labels, "node_labels")
+        if request.peer_address:
+            try:
+                validate_peer_address(request.peer_address)
+            except InvalidInput as exc:
+                raise InvalidArgument(str(exc)) from exc
         uid = uid or self._reconciler.directory_uid(node)
         now = time.time()
         replaced = self._store.upsert_agent(
@@ -205,6 +215,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
             )
         )
         self._reconciler.seen(node, now)
+        self._reconciler.set_peer_address(node, request.peer_address)
         log.info(
             "Agent registered (cache %s%s%s)",
             cache_id,
@@ -426,4 +437,5 @@ def _desired(d: DesiredDataset) -> pb.DesiredDataset:
             if creds is not None
             else None
         ),
+        peers=[pb.Peer(node_name=node, address=address) for node, address in d.peers],
     )

@@ -42,6 +42,7 @@ from coordinator.errors import LabelerError, NodeMissing
 from coordinator.labelers import NodeLabeler
 from coordinator.labels import desired_node_labels
 from coordinator.model import AgentRecord, DatasetRecord, ReplicaReport, ReplicaState
+from coordinator.peers import PeerHolder, choose_peers
 from coordinator.placement import Node, Resident, Want, choose_evictions, place
 from coordinator.settings import CoordinatorSettings
 from coordinator.store import Store
@@ -62,6 +63,8 @@ class DesiredDataset:
     version: str = ""
     """The fixed version of `revision`, '' until a copy fixed it."""
     credentials: S3Credentials | None = None
+    peers: tuple[tuple[str, str], ...] = ()
+    """(node, address) of agents holding a Ready copy of `version` to copy from first."""
 
 
 class DesiredStateHub:
@@ -133,6 +136,9 @@ class Reconciler:
         self._last_seen = {a.node_name: a.last_seen for a in store.list_agents()}
         self._hashes = store.status_hashes()
         self._problems: dict[str, str] = {}
+        self._peer_addresses: dict[str, str] = {}
+        """Where each agent serves peers (given at registration; agents re-register after a
+        coordinator restart)."""
         self._good_credentials: dict[str, tuple[str, S3Credentials]] = {}
         self._states: dict[tuple[str, str], ReplicaState] | None = None
         self.last_pass_seconds = 0.0
@@ -206,6 +212,14 @@ class Reconciler:
 
     def forget(self, node: str) -> None:
         self._last_seen.pop(node, None)
+        self._peer_addresses.pop(node, None)
+
+    def set_peer_address(self, node: str, address: str) -> None:
+        """Where `node`'s agent serves peers; '' when it serves none."""
+        if address:
+            self._peer_addresses[node] = address
+        else:
+            self._peer_addresses.pop(node, None)
 
     def is_live(self, node: str) -> bool:
         return self._last_seen.get(node, 0.0) >= self._clock() - self._settings.lease_seconds
@@ -533,10 +547,17 @@ class Reconciler:
 
         await asyncio.sleep(0)
         credentials = await self._resolve_credentials(datasets)
+        zones = {name: n.zone for name, n in nodes.items()}
         per_node: dict[str, list[DesiredDataset]] = {node: [] for node in live}
         for dataset, ns in final_frozen.items():
             record = datasets[dataset]
             fixed_version = fixed.get((dataset, record.revision))
+            fixed_digest = fixed_version.version if fixed_version else ""
+            holders = [
+                PeerHolder(r.node_name, r.digest)
+                for r in live_reports.get(dataset, ())
+                if r.state is ReplicaState.READY and r.digest
+            ]
             creds = credentials.get(dataset)
             for node in ns:
                 if (
@@ -551,8 +572,9 @@ class Reconciler:
                         name=dataset,
                         source=record.source,
                         revision=record.revision,
-                        version=fixed_version.version if fixed_version else "",
+                        version=fixed_digest,
                         credentials=creds,
+                        peers=choose_peers(node, fixed_digest, holders, self._peer_addresses, zones),
                     )
                 )
         await self._hub.publish(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -119,6 +120,12 @@ class LocalCluster:
         self.coordinator_metrics_port = free_port()
         self.agent_metrics_ports: dict[str, int] = {}
         self.agent_health_ports: dict[str, int] = {}
+        self.agent_peer_ports: dict[str, int] = {}
+        self.peer_key_file = workdir / "peer-keys"
+        """The cluster's shared peer key (agents copy from each other with it)."""
+        if not self.peer_key_file.exists():
+            self.peer_key_file.write_text(secrets.token_hex(32) + "\n")
+            self.peer_key_file.chmod(0o600)
         self.client = ClientSettings()
         """How `channel()` dials the coordinator (TLS, token); the target is filled in."""
 
@@ -262,7 +269,20 @@ class LocalCluster:
             raise ClusterError("the coordinator is not running")
         return self._coordinator
 
-    def start_agent(self, node: str, *extra: str) -> Process:
+    def start_agent(self, node: str, *extra: str, peers: bool = True) -> Process:
+        """Starts an agent for `node`; with `peers` it serves its Ready versions to the other
+        agents on a free loopback port and copies from them."""
+        peer_port = self.agent_peer_ports.setdefault(node, free_port())
+        peer_args = (
+            [
+                f"--peer-key-file={self.peer_key_file}",
+                f"--peer-port={peer_port}",
+                "--peer-listen-address=127.0.0.1",
+                f"--peer-advertise-address=127.0.0.1:{peer_port}",
+            ]
+            if peers
+            else []
+        )
         argv = [
             _console("datacache-agent"),
             "run",
@@ -277,6 +297,7 @@ class LocalCluster:
             "--log-format=json",
             "--report-interval-seconds=1",
             "--retry-base-seconds=1",
+            *peer_args,
             *extra,
         ]
         process = self.spawn(f"agent-{node}", argv, env=DEMO_CREDENTIALS)

@@ -79,6 +79,21 @@ def validate_node_name(name: str) -> str:
     return name
 
 
+_PEER_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\]")
+
+
+def validate_peer_address(address: str) -> tuple[str, int]:
+    """An agent's peer server address, 'host:port' (an IPv6 host in brackets); returns the
+    host (without brackets) and the port."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not _PEER_HOST.fullmatch(host) or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidInput(
+            f"peer address {address[:80]!r} is not host:port (e.g. 10.0.3.7:9403 or "
+            "[fd00::7]:9403)"
+        )
+    return host.strip("[]"), int(port)
+
+
 def _validate_short_name(name: str) -> str:
     if not name:
         raise InvalidInput("dataset name is empty: use lowercase letters, digits, '-' and '.'")

@@ -30,6 +30,11 @@ AGENT_METRICS = {
     "datacache_agent_cache_free_bytes": "gauge",
     "datacache_agent_evictions": "counter",
     "datacache_agent_scrubbed_files": "counter",
+    "datacache_agent_peer_received_bytes": "counter",
+    "datacache_agent_peer_origin_bytes": "counter",
+    "datacache_agent_peer_fallbacks": "counter",
+    "datacache_agent_peer_served_bytes": "counter",
+    "datacache_agent_peer_requests": "counter",
 }
 COORDINATOR_METRICS = {
     "datacache_coordinator_fetched_bytes": "counter",

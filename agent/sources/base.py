@@ -111,3 +111,19 @@ class BufferedSource(ChecksummedSource, Protocol):
     def part_layout(self, obj: ObjectInfo) -> PartLayout | None:
         """How `obj`'s multipart upload was cut, when the source can tell."""
         ...
+
+
+@runtime_checkable
+class RoutedSource(Protocol):
+    """A source that reads each unit from one of several servers (peers, then the origin),
+    and learns from verification which of them sent wrong bytes."""
+
+    def distrust(self, obj: ObjectInfo) -> None:
+        """The copy of `obj` failed verification: the servers of its units become suspects
+        and its next reads go to the origin."""
+        ...
+
+    def blame(self, obj: ObjectInfo, offset: int) -> None:
+        """The bytes first served for the unit of `obj` at `offset` were wrong: whoever
+        served them is avoided (and counted)."""
+        ...

@@ -1043,10 +1043,15 @@ class RegisterAgentRequest(_message.Message):
     CACHE_FREE_BYTES_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     NODE_LABELS_FIELD_NUMBER: _builtins.int
+    PEER_ADDRESS_FIELD_NUMBER: _builtins.int
     cache_capacity_bytes: _builtins.int
     cache_free_bytes: _builtins.int
     agent_version: _builtins.str
     """Agent software version, for operators."""
+    peer_address: _builtins.str
+    """host:port where this agent serves the files of its Ready versions to other agents
+    (peer copying); empty: it serves none.
+    """
     @_builtins.property
     def agent(self) -> Global___AgentIdentity: ...
     @_builtins.property
@@ -1063,10 +1068,11 @@ class RegisterAgentRequest(_message.Message):
         cache_free_bytes: _builtins.int = ...,
         agent_version: _builtins.str = ...,
         node_labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        peer_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "agent_version", b"agent_version", "cache_capacity_bytes", b"cache_capacity_bytes", "cache_free_bytes", b"cache_free_bytes", "node_labels", b"node_labels"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "agent_version", b"agent_version", "cache_capacity_bytes", b"cache_capacity_bytes", "cache_free_bytes", b"cache_free_bytes", "node_labels", b"node_labels", "peer_address", b"peer_address"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1150,6 +1156,7 @@ class DesiredDataset(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     CREDENTIALS_FIELD_NUMBER: _builtins.int
+    PEERS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     source: _builtins.str
     revision: _builtins.int
@@ -1162,6 +1169,13 @@ class DesiredDataset(_message.Message):
     def credentials(self) -> Global___Credentials:
         """Unset: use the agent's own credential chain."""
 
+    @_builtins.property
+    def peers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Peer]:
+        """Agents holding a Ready copy of `version` (set only with it, and only while this node does
+        not hold it): the copy reads from them first, checks every file against the version's
+        manifest, and falls back to the source.
+        """
+
     def __init__(
         self,
         *,
@@ -1170,14 +1184,40 @@ class DesiredDataset(_message.Message):
         revision: _builtins.int = ...,
         version: _builtins.str = ...,
         credentials: Global___Credentials | None = ...,
+        peers: _abc.Iterable[Global___Peer] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials", "name", b"name", "revision", b"revision", "source", b"source", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials", "name", b"name", "peers", b"peers", "revision", b"revision", "source", b"source", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DesiredDataset: _TypeAlias = DesiredDataset  # noqa: Y015
+
+@_typing.final
+class Peer(_message.Message):
+    """An agent that serves a dataset version to other agents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_NAME_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    node_name: _builtins.str
+    address: _builtins.str
+    """host:port of its peer server."""
+    def __init__(
+        self,
+        *,
+        node_name: _builtins.str = ...,
+        address: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "node_name", b"node_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Peer: _TypeAlias = Peer  # noqa: Y015
 
 @_typing.final
 class WatchDesiredStateResponse(_message.Message):
