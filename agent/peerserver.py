@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 FILE_PATH = "/v1/file"
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)")
 _SEND_CHUNK = 1024 * 1024
+_MIN_SEND_CHUNK = 16 * 1024
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0)
 
@@ -97,12 +98,13 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             fd, offset, length, size, served = self._open()
+            ranged = bool(self.headers.get("Range"))
         except _Refused as refused:
             self._refuse(refused)
             server.slots.release()
             return
         try:
-            self._send(fd, offset, length, size, served)
+            self._send(fd, offset, length, size, ranged, served)
         finally:
             os.close(fd)
             server.slots.release()
@@ -155,9 +157,10 @@ class _Handler(BaseHTTPRequestHandler):
             raise
         return fd, offset, length, size, (dataset, path)
 
-    def _send(self, fd: int, offset: int, length: int, size: int, served: tuple[str, str]) -> None:
+    def _send(
+        self, fd: int, offset: int, length: int, size: int, ranged: bool, served: tuple[str, str]
+    ) -> None:
         server = self.server
-        ranged = (offset, length) != (0, size)
         self.send_response(HTTPStatus.PARTIAL_CONTENT if ranged else HTTPStatus.OK)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(length))
@@ -169,7 +172,7 @@ class _Handler(BaseHTTPRequestHandler):
         sent = 0
         try:
             while sent < length:
-                chunk = min(_SEND_CHUNK, length - sent)
+                chunk = min(server.send_chunk, length - sent)
                 server.limiter.take(chunk, server.stopping)
                 n = os.sendfile(out, fd, offset + sent, chunk)
                 if n == 0:
@@ -222,8 +225,17 @@ class _Server(ThreadingHTTPServer):
         self.keys = keys
         self.lookup = lookup
         self.limiter = RateLimiter(settings.serve_bytes_per_second)
+        # About 20 sends a second at the limit: a low limit trickles instead of pausing for
+        # seconds between bursts (which readers would take for a stall).
+        self.send_chunk = int(
+            min(_SEND_CHUNK, max(_MIN_SEND_CHUNK, settings.serve_bytes_per_second / 20))
+        )
         self.slots = threading.BoundedSemaphore(settings.serve_max_connections)
         self.stopping = threading.Event()
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        # A reader that went away mid-request (it moved to another peer) is routine.
+        log.debug("Peer connection from %s ended with an error", client_address, exc_info=True)
 
 
 class PeerServer:

@@ -323,18 +323,22 @@ class Agent:
         replica.phase, replica.message, replica.missing_bytes = Phase.FETCHING, "", 0
         staged, journal_path = self._store.staging_for(name, want.source)
         try:
-            with Journal(journal_path) as journal:
-                entries = fetch_into(
-                    source,
-                    files,
-                    staged,
-                    self._settings.fetch,
-                    replica.progress,
-                    replica.cancel,
-                    expected=expected,
-                    resume=load_journal(journal_path),
-                    journal=journal,
-                )
+            try:
+                with Journal(journal_path) as journal:
+                    entries = fetch_into(
+                        source,
+                        files,
+                        staged,
+                        self._settings.fetch,
+                        replica.progress,
+                        replica.cancel,
+                        expected=expected,
+                        resume=load_journal(journal_path),
+                        journal=journal,
+                    )
+            finally:
+                if isinstance(source, PeerSource):
+                    source.close()
             if replica.cancel.is_set():
                 raise FetchCancelled("fetch cancelled")
             if expected is not None:

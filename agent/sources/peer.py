@@ -27,6 +27,7 @@ import logging
 import socket
 import threading
 import time
+import weakref
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -71,6 +72,12 @@ def valid_peers(peers: Sequence[tuple[str, str]]) -> tuple[Peer, ...]:
             continue
         out.append(Peer(node, address))
     return tuple(out)
+
+
+def _close_all(connections: list[http.client.HTTPConnection]) -> None:
+    for conn in list(connections):
+        conn.close()
+    connections.clear()
 
 
 class PeerHealth:
@@ -269,6 +276,13 @@ class PeerSource:
         self._served: dict[str, dict[int, set[Peer]]] = {}
         self._suspects: dict[str, dict[int, set[Peer]]] = {}
         self._local = threading.local()
+        self._connections: list[http.client.HTTPConnection] = []
+        # Worker threads end with the copy, their connections with the source.
+        weakref.finalize(self, _close_all, self._connections)
+
+    def close(self) -> None:
+        """Closes every connection to the peers."""
+        _close_all(self._connections)
 
     # Routing -----------------------------------------------------------------------------
 
@@ -312,6 +326,8 @@ class PeerSource:
                 host, port, timeout=self.settings.connect_timeout_seconds
             )
             connections[peer.address] = conn
+            with self._lock:
+                self._connections.append(conn)
         return conn
 
     def drop_connection(self, peer: Peer) -> None:

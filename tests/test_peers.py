@@ -1,0 +1,409 @@
+"""Peer copying: the peer server, its authentication, and copies read from real peer servers
+on loopback (through the fault proxy where a peer misbehaves), each ending with a copy
+verified against the version's manifest and the fallback counted."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import random
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from urllib.parse import urlencode
+
+import pytest
+
+from agent import metrics, versioning
+from agent.fetch import FetchSettings, PlannedFile, Progress, fetch_into, plan
+from agent.manifest import FileEntry, Manifest
+from agent.peering import MAX_SKEW_SECONDS, PeerKeys, PeerSettings
+from agent.peerserver import FILE_PATH, PeerServer, ServedVersion
+from agent.sources.base import ObjectInfo
+from agent.sources.local import LocalDirSource
+from agent.sources.peer import Peer, PeerHealth, PeerSource
+from coordinator.peers import PeerHolder, choose_peers
+from datacache.validation import InvalidInput, validate_peer_address
+from tests.faultproxy import Fault, FaultProxy, Rule
+
+DATASET = "ml/peers"
+MiB = 1024 * 1024
+CLIENT = PeerSettings(stall_seconds=0.5, connect_timeout_seconds=0.5)
+FETCH = FetchSettings(
+    concurrency=4, part_bytes=MiB, multipart_threshold_bytes=MiB, attempts=3, fsync=False
+)
+
+
+def sample(name: str, labels: dict[str, str] | None = None) -> float:
+    return metrics.REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+def fallbacks(reason: str) -> float:
+    return sample("datacache_agent_peer_fallbacks_total", {"reason": reason})
+
+
+@dataclass
+class Version:
+    """A dataset version held by a 'peer': its directory and manifest, plus the origin."""
+
+    origin: Path
+    directory: Path
+    manifest: Manifest
+    files: list[PlannedFile]
+    objects: list[ObjectInfo]
+
+    @property
+    def expected(self) -> dict[str, FileEntry]:
+        return {f.path: f for f in self.manifest.files}
+
+    def served(self) -> ServedVersion:
+        return ServedVersion(self.directory, self.expected)
+
+
+@pytest.fixture
+def version(tmp_path: Path) -> Version:
+    """One 4 MiB file (four ranges) and 30 small ones, copied once from a directory source to
+    act as the version a peer holds."""
+    rng = random.Random(7)
+    origin = tmp_path / "origin"
+    (origin / "small").mkdir(parents=True)
+    (origin / "big.bin").write_bytes(rng.randbytes(4 * MiB))
+    for i in range(30):
+        (origin / "small" / f"f{i:02d}").write_bytes(rng.randbytes(rng.randint(1, 50_000)))
+    (origin / "small" / "empty").write_bytes(b"")
+    source = LocalDirSource(str(origin))
+    files, refused = plan(list(source.list()))
+    assert not refused
+    directory = tmp_path / "peer" / "version"
+    directory.mkdir(parents=True)
+    entries = fetch_into(source, files, directory, FETCH, Progress(), threading.Event())
+    manifest = Manifest.build(DATASET, f"file://{origin}", entries, revision=1)
+    objects = [ObjectInfo(f.path, f.size, f.etag) for f in manifest.files]
+    planned, _ = plan(objects)
+    return Version(origin, directory, manifest, planned, objects)
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> PeerKeys:
+    path = tmp_path / "peer-keys"
+    path.write_text(os.urandom(24).hex() + "\n")
+    return PeerKeys(path)
+
+
+def serve(
+    keys: PeerKeys,
+    version: Version | None,
+    held: str = "",
+    settings: PeerSettings | None = None,
+) -> PeerServer:
+    """A started peer server on a free loopback port holding `version` as digest `held`
+    (default: its own digest)."""
+
+    def lookup(dataset: str, digest: str) -> ServedVersion | None:
+        if version is None or dataset != DATASET:
+            return None
+        return version.served() if digest == (held or version.manifest.digest) else None
+
+    base = settings or PeerSettings()
+    server = PeerServer(replace(base, port=0, listen_address="127.0.0.1"), keys, lookup)
+    server.start()
+    return server
+
+
+@pytest.fixture
+def servers() -> Iterator[list[PeerServer]]:
+    started: list[PeerServer] = []
+    yield started
+    for server in started:
+        server.stop()
+
+
+def copy_from(
+    version: Version,
+    keys: PeerKeys,
+    peers: list[Peer],
+    dest: Path,
+    settings: PeerSettings = CLIENT,
+) -> list[FileEntry]:
+    """A copy of the version through `PeerSource`, checked like the agent checks it."""
+    dest.mkdir(parents=True)
+    source = PeerSource(
+        peers,
+        LocalDirSource(str(version.origin)),
+        version.objects,
+        DATASET,
+        version.manifest.digest,
+        "node-2",
+        keys,
+        settings,
+        PeerHealth(),
+    )
+    try:
+        entries = fetch_into(
+            source,
+            version.files,
+            dest,
+            FETCH,
+            Progress(),
+            threading.Event(),
+            expected=version.expected,
+        )
+    finally:
+        source.close()
+    versioning.check_copy(entries, version.expected, version.manifest.digest, "origin")
+    for entry in entries:
+        assert (dest / entry.path).read_bytes() == (version.origin / entry.path).read_bytes()
+    assert {e.verified for e in entries} == {"manifest"}
+    return entries
+
+
+def peer(name: str, port: int) -> Peer:
+    return Peer(name, f"127.0.0.1:{port}")
+
+
+# Authentication ---------------------------------------------------------------------------
+
+
+def test_signed_requests_verify_and_tampering_is_refused(keys: PeerKeys) -> None:
+    header = keys.sign("node-1", "/v1/file?x", "bytes=0-9", now=1_000_000)
+    assert keys.verify(header, "/v1/file?x", "bytes=0-9", now=1_000_000) == "node-1"
+    with pytest.raises(PermissionError, match="does not match"):
+        keys.verify(header, "/v1/file?y", "bytes=0-9", now=1_000_000)
+    with pytest.raises(PermissionError, match="does not match"):
+        keys.verify(header, "/v1/file?x", "bytes=0-99", now=1_000_000)
+    with pytest.raises(PermissionError, match="off this node's clock"):
+        keys.verify(header, "/v1/file?x", "bytes=0-9", now=1_000_000 + MAX_SKEW_SECONDS + 1)
+    with pytest.raises(PermissionError, match="malformed"):
+        keys.verify("Bearer abc", "/v1/file?x", "bytes=0-9")
+
+
+def test_keys_rotate_without_refusing_peers(tmp_path: Path) -> None:
+    old, new = "a" * 32, "b" * 32
+    (tmp_path / "one").write_text(old + "\n")
+    (tmp_path / "both").write_text(new + "\n" + old + "\n")
+    signed_old = PeerKeys(tmp_path / "one").sign("n", "/t", "")
+    both = PeerKeys(tmp_path / "both")
+    assert both.verify(signed_old, "/t", "") == "n"
+    # Signing with the new key before every peer knows it would be refused: hence the order.
+    with pytest.raises(PermissionError):
+        PeerKeys(tmp_path / "one").verify(both.sign("n", "/t", ""), "/t", "")
+
+
+def test_a_key_file_with_short_keys_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "keys").write_text("short\n")
+    with pytest.raises(Exception, match="at least 16 bytes"):
+        PeerKeys(tmp_path / "keys")
+
+
+# The server ---------------------------------------------------------------------------------
+
+
+def get(
+    server: PeerServer,
+    keys: PeerKeys | None,
+    path: str,
+    byte_range: str = "",
+    digest: str = "",
+    version: Version | None = None,
+) -> tuple[int, bytes]:
+    query = {
+        "dataset": DATASET,
+        "version": digest or (version.manifest.digest if version else ""),
+        "path": path,
+    }
+    target = f"{FILE_PATH}?{urlencode(query)}"
+    headers = {"Range": byte_range} if byte_range else {}
+    if keys is not None:
+        headers["Authorization"] = keys.sign("node-2", target, byte_range)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request("GET", target, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_the_server_serves_ranges_of_ready_files_to_signed_requests(
+    version: Version, keys: PeerKeys, servers: list[PeerServer]
+) -> None:
+    server = serve(keys, version)
+    servers.append(server)
+    big = (version.origin / "big.bin").read_bytes()
+    status, body = get(server, keys, "big.bin", "bytes=100-1099", version=version)
+    assert (status, body) == (206, big[100:1100])
+    status, body = get(server, keys, "small/f03", version=version)
+    assert (status, body) == (200, (version.origin / "small" / "f03").read_bytes())
+
+
+def test_the_server_refuses_what_it_must_not_serve(
+    version: Version, keys: PeerKeys, servers: list[PeerServer], tmp_path: Path
+) -> None:
+    server = serve(keys, version)
+    servers.append(server)
+    other = tmp_path / "other-keys"
+    other.write_text("c" * 40 + "\n")
+    assert get(server, None, "big.bin", version=version)[0] == 401
+    assert get(server, PeerKeys(other), "big.bin", version=version)[0] == 401
+    # Another version than the one held (an older copy), a path not in the manifest.
+    assert get(server, keys, "big.bin", digest="sha256:" + "0" * 64)[0] == 404
+    assert get(server, keys, "../../etc/passwd", version=version)[0] == 404
+    assert get(server, keys, "big.bin", "bytes=5-4", version=version)[0] == 416
+    assert get(server, keys, "big.bin", f"bytes=0-{4 * MiB}", version=version)[0] == 416
+    # A symlink planted in place of a file, and a file whose size changed, are not served.
+    target = version.directory / "small" / "f01"
+    size = target.stat().st_size
+    target.unlink()
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"s" * size)
+    target.symlink_to(outside)
+    assert get(server, keys, "small/f01", version=version)[0] == 404
+    with (version.directory / "small" / "f02").open("ab") as f:
+        f.write(b"x")
+    assert get(server, keys, "small/f02", version=version)[0] == 404
+    refused = sample("datacache_agent_peer_requests_total", {"result": "unauthorized"})
+    assert refused >= 2
+
+
+# Copies from peers -----------------------------------------------------------------------------
+
+
+def test_a_copy_reads_every_byte_from_peers_spread_over_them(
+    version: Version, keys: PeerKeys, servers: list[PeerServer], tmp_path: Path
+) -> None:
+    servers += [serve(keys, version), serve(keys, version)]
+    received = sample("datacache_agent_peer_received_bytes_total")
+    from_origin = sample("datacache_agent_peer_origin_bytes_total")
+    served = sample("datacache_agent_peer_served_bytes_total")
+    copy_from(
+        version, keys, [peer("a", servers[0].port), peer("b", servers[1].port)], tmp_path / "copy"
+    )
+    total = version.manifest.total_bytes
+    assert sample("datacache_agent_peer_received_bytes_total") - received == total
+    assert sample("datacache_agent_peer_origin_bytes_total") == from_origin
+    assert sample("datacache_agent_peer_served_bytes_total") - served == total
+
+
+def test_a_peer_killed_mid_transfer_is_left_for_the_next(
+    version: Version, keys: PeerKeys, servers: list[PeerServer], tmp_path: Path
+) -> None:
+    servers += [serve(keys, version), serve(keys, version)]
+    rules = [Rule(Fault("reset", after_bytes=300_000), path_contains="big.bin", limit=1)]
+    gone = fallbacks("gone")
+    with FaultProxy(f"http://127.0.0.1:{servers[0].port}", rules) as dying:
+        peers = [peer("dying", dying.port), peer("b", servers[1].port)]
+        copy_from(version, keys, peers, tmp_path / "copy")
+        assert dying.counts()["reset"] == 1
+    assert fallbacks("gone") - gone == 1
+
+
+def test_a_peer_whose_server_is_gone_is_left_at_once(
+    version: Version, keys: PeerKeys, servers: list[PeerServer], tmp_path: Path
+) -> None:
+    server = serve(keys, version)
+    port = server.port
+    server.stop()
+    gone = fallbacks("gone")
+    from_origin = sample("datacache_agent_peer_origin_bytes_total")
+    copy_from(version, keys, [peer("gone", port)], tmp_path / "copy")
+    assert fallbacks("gone") - gone >= 1
+    total = version.manifest.total_bytes
+    assert sample("datacache_agent_peer_origin_bytes_total") - from_origin == total
+
+
+@pytest.mark.parametrize("target", ["big.bin", "small/f07"])
+def test_a_peer_that_flips_bytes_is_blamed_and_the_file_read_from_the_origin(
+    version: Version, keys: PeerKeys, servers: list[PeerServer], tmp_path: Path, target: str
+) -> None:
+    servers += [serve(keys, version), serve(keys, version)]
+    rules = [Rule(Fault("flip", offset=1000), path_contains=target.replace("/", "%2F"), limit=1)]
+    corrupt = fallbacks("corrupt")
+    checksum_failures = sample("datacache_agent_fetch_retries_total", {"reason": "checksum"})
+    with FaultProxy(f"http://127.0.0.1:{servers[0].port}", rules) as flipping:
+        peers = [peer("flipping", flipping.port), peer("good", servers[1].port)]
+        copy_from(version, keys, peers, tmp_path / "copy")
+        assert flipping.counts()["flip"] == 1
+    # Exactly the peer that flipped is blamed (once), the good one is never.
+    assert fallbacks("corrupt") - corrupt == 1
+    if target == "small/f07":
+        failures = sample("datacache_agent_fetch_retries_total", {"reason": "checksum"})
+        assert failures - checksum_failures == 1
+
+
+def test_a_peer_holding_an_older_version_is_left_for_the_source(
+    version: Version, keys: PeerKeys, servers: list[PeerServer], tmp_path: Path
+) -> None:
+    servers.append(serve(keys, version, held="sha256:" + "1" * 64))
+    refused = fallbacks("refused")
+    not_ready = sample("datacache_agent_peer_requests_total", {"result": "not_ready"})
+    from_origin = sample("datacache_agent_peer_origin_bytes_total")
+    copy_from(version, keys, [peer("older", servers[0].port)], tmp_path / "copy")
+    assert fallbacks("refused") - refused >= 1
+    assert sample("datacache_agent_peer_requests_total", {"result": "not_ready"}) > not_ready
+    total = version.manifest.total_bytes
+    assert sample("datacache_agent_peer_origin_bytes_total") - from_origin == total
+
+
+def test_a_peer_that_stalls_is_left_quickly(
+    version: Version, keys: PeerKeys, servers: list[PeerServer], tmp_path: Path
+) -> None:
+    servers += [serve(keys, version), serve(keys, version)]
+    rules = [Rule(Fault("stall", seconds=5.0), path_contains="big.bin", limit=1)]
+    stalled = fallbacks("stalled")
+    with FaultProxy(f"http://127.0.0.1:{servers[0].port}", rules) as stalling:
+        peers = [peer("stalling", stalling.port), peer("b", servers[1].port)]
+        copy_from(version, keys, peers, tmp_path / "copy")
+        assert stalling.counts()["stall"] == 1
+    assert fallbacks("stalled") - stalled == 1
+
+
+def test_a_slow_peer_is_left_for_a_faster_one(
+    version: Version, keys: PeerKeys, servers: list[PeerServer], tmp_path: Path
+) -> None:
+    slow_settings = PeerSettings(serve_bytes_per_second=300 * 1024)
+    servers += [serve(keys, version, settings=slow_settings), serve(keys, version)]
+    slow = fallbacks("slow")
+    peers = [peer("slow", servers[0].port), peer("fast", servers[1].port)]
+    copy_from(version, keys, peers, tmp_path / "copy", replace(CLIENT, min_bytes_per_second=MiB))
+    assert fallbacks("slow") - slow >= 1
+
+
+# Choosing peers (the coordinator) ------------------------------------------------------------
+
+V1, V2 = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+ADDRESSES = {f"n{i}": f"10.0.0.{i}:9403" for i in range(8)}
+
+
+def test_peers_are_ready_holders_of_the_version_that_serve_peers() -> None:
+    holders = [
+        PeerHolder("n1", V1),
+        PeerHolder("n2", V2),  # another version
+        PeerHolder("n3", V1),
+        PeerHolder("n9", V1),  # serves no peers (no address)
+    ]
+    chosen = choose_peers("n0", V1, holders, ADDRESSES, {})
+    assert sorted(chosen) == [("n1", ADDRESSES["n1"]), ("n3", ADDRESSES["n3"])]
+    assert choose_peers("n0", "", holders, ADDRESSES, {}) == ()
+    # A node holding the version needs no peers.
+    assert choose_peers("n1", V1, holders, ADDRESSES, {}) == ()
+
+
+def test_peers_in_the_same_zone_come_first_and_the_order_spreads_over_nodes() -> None:
+    holders = [PeerHolder(f"n{i}", V1) for i in range(1, 8)]
+    zones = {"n0": "a", "n5": "a", "n6": "a", **{f"n{i}": "b" for i in range(1, 5)}}
+    chosen = choose_peers("n0", V1, holders, ADDRESSES, zones, limit=3)
+    assert {n for n, _ in chosen[:2]} == {"n5", "n6"}
+    assert len(chosen) == 3
+    firsts = {choose_peers(f"x{i}", V1, holders, ADDRESSES, {}, limit=1)[0][0] for i in range(40)}
+    assert len(firsts) > 3
+
+
+def test_a_bad_peer_address_is_refused_at_registration() -> None:
+    with pytest.raises(InvalidInput, match="host:port"):
+        validate_peer_address("10.0.0.1")
+    with pytest.raises(InvalidInput, match="host:port"):
+        validate_peer_address("10.0.0.1:99999")
+    with pytest.raises(InvalidInput, match="host:port"):
+        validate_peer_address("a b:80")
+    assert validate_peer_address("[fd00::7]:9403") == ("fd00::7", 9403)
