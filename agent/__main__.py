@@ -171,7 +171,8 @@ def peer_options(fn: F) -> F:
             "peer-avoid-seconds",
             type=click.FloatRange(0),
             default=_PEER.avoid_seconds,
-            help="How long a failed peer is not asked (s).",
+            help="How long a peer that sent wrong bytes is not asked (s); other failures: "
+            "2 s, doubling up to this.",
         ),
     ]
     for decorate in reversed(decorators):

@@ -57,7 +57,8 @@ class PeerSettings:
     min_bytes_per_second: float = 1024 * 1024
     """A peer slower than this over a read (after its first second) is left for the next."""
     avoid_seconds: float = 60.0
-    """How long a peer that failed (gone, stalled, slow, refused, wrong bytes) is not asked."""
+    """How long a peer that sent wrong bytes is not asked, seconds; a peer that was gone,
+    silent, slow or refused is avoided 2 s, doubling with each failure in a row up to this."""
 
 
 class PeerKeys:

@@ -212,6 +212,9 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    # socketserver's default backlog of 5 drops the connects of a copy's threads arriving
+    # together; each dropped SYN costs the reader a second.
+    request_queue_size = 256
 
     def __init__(
         self,

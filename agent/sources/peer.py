@@ -51,6 +51,7 @@ from datacache.validation import InvalidInput, validate_peer_address
 log = logging.getLogger(__name__)
 
 _SLOW_GRACE_SECONDS = 1.0
+_FIRST_AVOID_SECONDS = 2.0
 _ERROR_BODY_LIMIT = 4096
 
 
@@ -85,13 +86,24 @@ class PeerHealth:
 
     def __init__(self) -> None:
         self._until: dict[str, float] = {}
+        self._strikes: dict[str, tuple[int, float]] = {}
+        """address -> (failures in a row, when the last one happened)."""
         self._lock = threading.Lock()
 
     def avoid(self, peer: Peer, reason: str, seconds: float, detail: str) -> None:
+        """Avoids `peer` after a failure: a peer that sent wrong bytes for `seconds`; one
+        that was gone, slow or silent for a short time doubling with every failure in a row
+        up to `seconds` (a single hiccup must not send a whole copy to the source)."""
         metrics.PEER_FALLBACKS.labels(reason).inc()
+        now = time.monotonic()
         with self._lock:
-            known = self._until.get(peer.address, 0.0) > time.monotonic()
-            self._until[peer.address] = time.monotonic() + seconds
+            known = self._until.get(peer.address, 0.0) > now
+            strikes, last = self._strikes.get(peer.address, (0, 0.0))
+            strikes = 1 if now - last > seconds else strikes + 1
+            self._strikes[peer.address] = (strikes, now)
+            if reason != "corrupt":
+                seconds = min(seconds, _FIRST_AVOID_SECONDS * 2 ** (strikes - 1))
+            self._until[peer.address] = max(self._until.get(peer.address, 0.0), now + seconds)
         if not known:
             log.warning(
                 "Avoiding peer %s for %.0fs (%s): %s",
@@ -355,12 +367,12 @@ class PeerSource:
                     conn.connect()
                 sock: socket.socket = conn.sock
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.settimeout(self.settings.connect_timeout_seconds)
+                sock.settimeout(self.settings.stall_seconds)
                 conn.request("GET", target, headers=headers)
                 response = conn.getresponse()
             except TimeoutError as exc:
                 self.drop_connection(peer)
-                raise _PeerFailed("stalled", f"no answer within {conn.timeout}s") from exc
+                raise _PeerFailed("stalled", "no connection or answer in time") from exc
             except (OSError, http.client.HTTPException) as exc:
                 self.drop_connection(peer)
                 if reused and attempt == 1:
@@ -374,8 +386,6 @@ class PeerSource:
         if response.length != length:
             self.drop_connection(peer)
             raise _PeerFailed("refused", f"answered {response.length} bytes, not {length}")
-        assert conn.sock is not None
-        conn.sock.settimeout(self.settings.stall_seconds)
         return response
 
     def open_origin(self, obj: ObjectInfo, offset: int, length: int) -> RangeBody:
