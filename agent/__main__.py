@@ -419,7 +419,14 @@ def run(**kwargs: Any) -> None:
         peer=_peer_settings(kwargs),
     )
     peer_keys = None
-    if settings.peer.key_file is not None:
+    if settings.peer.key_file is not None and not settings.peer.key_file.exists():
+        # An optional Secret that was never created: the agent works, from sources only.
+        logging.getLogger("agent").error(
+            "Peer copying is off: the peer key file %s does not exist (create the Secret "
+            "datacache-peer-keys, see manifests/agent.yaml)",
+            settings.peer.key_file,
+        )
+    elif settings.peer.key_file is not None:
         try:
             peer_keys = PeerKeys(settings.peer.key_file)
         except AgentError as exc:
