@@ -75,6 +75,13 @@ def node_facts(obj: Mapping[str, Any]) -> NodeFacts:
                 allocatable,
                 extra={"node": name},
             )
+    # Extended resources (nvidia.com/gpu, ...): what sweep trials request and demand matches.
+    extended: dict[str, int] = {}
+    for resource, quantity in (status.get("allocatable") or {}).items():
+        if "/" in str(resource) and not str(resource).startswith("kubernetes.io/"):
+            count = parse_bytes(str(quantity))
+            if count is not None:
+                extended[str(resource)] = count
     return NodeFacts(
         name=name,
         uid=str(meta.get("uid", "")),
@@ -82,6 +89,7 @@ def node_facts(obj: Mapping[str, Any]) -> NodeFacts:
         taints=taints,
         unschedulable=spec.get("unschedulable") is True,
         allocatable_bytes=allocatable_bytes,
+        extended_resources=extended,
     )
 
 

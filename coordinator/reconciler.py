@@ -574,7 +574,9 @@ class Reconciler:
                         revision=record.revision,
                         version=fixed_digest,
                         credentials=creds,
-                        peers=choose_peers(node, fixed_digest, holders, self._peer_addresses, zones),
+                        peers=choose_peers(
+                            node, fixed_digest, holders, self._peer_addresses, zones
+                        ),
                     )
                 )
         await self._hub.publish(

@@ -88,8 +88,7 @@ def validate_peer_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not _PEER_HOST.fullmatch(host) or not port.isdigit() or not 0 < int(port) < 65536:
         raise InvalidInput(
-            f"peer address {address[:80]!r} is not host:port (e.g. 10.0.3.7:9403 or "
-            "[fd00::7]:9403)"
+            f"peer address {address[:80]!r} is not host:port (e.g. 10.0.3.7:9403 or [fd00::7]:9403)"
         )
     return host.strip("[]"), int(port)
 

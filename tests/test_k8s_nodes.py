@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from coordinator.cluster import NodeChange, NodeDirectory, Taint
+from coordinator.demand import pod_demand
 from coordinator.k8s_backoff import BackoffSettings
 from coordinator.k8s_labeler import core_api
 from coordinator.k8s_nodes import NodeWatch, NodeWatchSettings, node_facts, parse_bytes
@@ -61,6 +62,37 @@ def test_node_facts_from_a_node_object(kube: tuple[FakeKubeAPI, Path]) -> None:
     assert facts.taints == (Taint("gpu", "true", "NoSchedule"),)
     assert facts.unschedulable is True
     assert facts.allocatable_bytes == 1500 * 2**20
+
+
+def test_node_facts_carry_extended_resources_a_gpu_trial_can_request() -> None:
+    facts = node_facts(
+        {
+            "metadata": {"name": "gpu-1"},
+            "status": {
+                "allocatable": {
+                    "cpu": "8",
+                    "nvidia.com/gpu": "8",
+                    "example.com/fpga": "bad",
+                    "kubernetes.io/batch-cpu": "4",
+                }
+            },
+        }
+    )
+    assert facts.extended_resources == {"nvidia.com/gpu": 8}
+    trial = pod_demand(
+        {
+            "metadata": {
+                "name": "t",
+                "namespace": "ml",
+                "annotations": {"datacache.io/dataset": "default/sweep"},
+            },
+            "spec": {
+                "containers": [{"name": "c", "resources": {"limits": {"nvidia.com/gpu": "1"}}}]
+            },
+        }
+    )
+    assert trial is not None and trial.trial.can_run_on(facts)
+    assert not trial.trial.can_run_on(node_facts({"metadata": {"name": "cpu-1"}}))
 
 
 def test_node_facts_tolerate_missing_and_bad_fields() -> None:
