@@ -16,23 +16,14 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-import prometheus_client
 
-from agent import metrics
-from agent.channel import TlsConfigError
-from agent.channel import check as check_tls
-from agent.credentials import DatasetSources
 from agent.errors import AgentError
 from agent.fetch import FetchSettings, Progress, fetch_into, plan
-from agent.health import HealthServer
-from agent.index import CacheIndex
 from agent.manifest import Manifest
 from agent.peering import PeerKeys, PeerSettings
-from agent.peerserver import Lookup, PeerServer
-from agent.runner import Agent
 from agent.settings import AgentSettings, TlsSettings
 from agent.sources import SourceOpener
 from agent.sources.nfs import NfsSettings
@@ -45,6 +36,13 @@ from datacache.validation import (
     validate_node_name,
     validate_peer_address,
 )
+
+if TYPE_CHECKING:
+    # `run` imports these when it starts: `fetch`, a one-shot copy whose start-up time is
+    # part of every copy it makes, never loads gRPC, the index or the servers (~90 ms).
+    from agent.health import HealthServer
+    from agent.peerserver import Lookup, PeerServer
+    from agent.runner import Agent
 
 _FETCH = FetchSettings()
 F = TypeVar("F", bound=Callable[..., Any])
@@ -394,6 +392,15 @@ def run(**kwargs: Any) -> None:
         kwargs["tls_key_file"],
         kwargs["tls_server_name"],
     )
+    import prometheus_client
+
+    from agent import metrics
+    from agent.channel import TlsConfigError
+    from agent.channel import check as check_tls
+    from agent.credentials import DatasetSources
+    from agent.index import CacheIndex
+    from agent.runner import Agent
+
     try:
         check_tls(kwargs["coordinator"], tls)
     except TlsConfigError as exc:
@@ -476,6 +483,8 @@ def run(**kwargs: Any) -> None:
 def _start_peer_server(
     settings: PeerSettings, keys: PeerKeys | None, lookup: Lookup
 ) -> PeerServer | None:
+    from agent.peerserver import PeerServer
+
     if keys is None or not settings.port:
         return None
     try:
@@ -496,6 +505,8 @@ def _start_peer_server(
 async def _start_health(settings: AgentSettings) -> HealthServer | None:
     if not settings.health_port:
         return None
+    from agent.health import HealthServer
+
     health = HealthServer()
     try:
         await health.start(settings.health_address, settings.health_port)

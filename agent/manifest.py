@@ -37,8 +37,9 @@ class FileEntry:
     crc64nvme: str
     """CRC64/NVME of the content, 16 hex digits, computed while copying."""
     verified: str
-    """How the bytes were checked: a source checksum algorithm, VERIFIED_MD5_ETAG,
-    VERIFIED_MANIFEST or UNVERIFIED."""
+    """How the bytes were checked: a source checksum algorithm, a multipart upload's
+    composite checksum ('<algorithm>-composite'), its ETag ('md5-multipart'),
+    VERIFIED_MD5_ETAG, VERIFIED_MANIFEST or UNVERIFIED (see `agent.fetch`)."""
 
 
 def content_digest(files: Sequence[FileEntry]) -> str:

@@ -43,7 +43,8 @@ CHECKSUM_FAILURES = Counter(
 )
 VERIFIED_FILES = Counter(
     "datacache_agent_verified_files",
-    "Files copied, by how they were verified (a source checksum algorithm, md5-etag, "
+    "Files copied, by how they were verified (a source checksum algorithm such as crc64nvme, "
+    "a multipart composite checksum such as crc32c-composite, md5-multipart, md5-etag, "
     "manifest, or unverified).",
     ["method"],
     registry=REGISTRY,
