@@ -4,9 +4,11 @@ verified against the version's manifest and the fallback counted."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import os
 import random
+import shutil
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -20,9 +22,13 @@ from agent.fetch import FetchSettings, PlannedFile, Progress, fetch_into, plan
 from agent.manifest import FileEntry, Manifest
 from agent.peering import MAX_SKEW_SECONDS, PeerKeys, PeerSettings
 from agent.peerserver import FILE_PATH, PeerServer, ServedVersion
-from agent.sources.base import ObjectInfo
+from agent.replica import Phase
+from agent.runner import Agent
+from agent.settings import AgentSettings
+from agent.sources.base import ObjectInfo, Source
 from agent.sources.local import LocalDirSource
 from agent.sources.peer import Peer, PeerHealth, PeerSource
+from agent.store import CacheStore
 from coordinator.peers import PeerHolder, choose_peers
 from datacache.validation import InvalidInput, validate_peer_address
 from tests.faultproxy import Fault, FaultProxy, Rule
@@ -407,3 +413,30 @@ def test_a_bad_peer_address_is_refused_at_registration() -> None:
     with pytest.raises(InvalidInput, match="host:port"):
         validate_peer_address("a b:80")
     assert validate_peer_address("[fd00::7]:9403") == ("fd00::7", 9403)
+
+
+# What an agent offers to serve -----------------------------------------------------------------
+
+
+def test_an_agent_serves_only_its_ready_version(version: Version, tmp_path: Path) -> None:
+    def no_source(uri: str, credentials: object) -> Source:
+        raise AssertionError("no source is opened here")
+
+    store = CacheStore(tmp_path / "cache")
+    staged, _ = store.staging_for(DATASET, version.manifest.source)
+    shutil.copytree(version.directory, staged, dirs_exist_ok=True)
+    store.publish(staged, version.manifest)
+    agent = Agent(AgentSettings(node_name="node-1", cache_dir=store.root), store, no_source)
+    asyncio.run(agent.recover())
+    digest = version.manifest.digest
+    served = agent.served_version(DATASET, digest)
+    assert served is not None and served.files == version.expected
+    assert (served.directory / "big.bin").read_bytes() == (version.origin / "big.bin").read_bytes()
+    assert agent.served_version(DATASET, "sha256:" + "0" * 64) is None
+    assert agent.served_version("ml/other", digest) is None
+    # A scrub that found a corrupt file takes the replica out of Ready while it repairs it.
+    replica = agent.replicas()[DATASET]
+    replica.phase = Phase.FETCHING
+    assert agent.served_version(DATASET, digest) is None
+    replica.phase = Phase.READY
+    assert agent.served_version(DATASET, digest) is not None
