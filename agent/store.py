@@ -62,6 +62,13 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _unlink_planted(path: Path) -> None:
+    """Removes a symbolic link at `path` (only the link: its target is left alone)."""
+    if path.is_symlink():
+        log.warning("Removing a symbolic link planted in the cache at %s", path)
+        path.unlink()
+
+
 @dataclass(frozen=True)
 class Usage:
     capacity_bytes: int
@@ -206,12 +213,17 @@ class CacheStore:
         version of its dataset. Returns the path pods read."""
         directory = self.dataset_dir(manifest.dataset)
         try:
+            # The cache never creates links here: one planted in place of a namespace, dataset
+            # or version directory would send the copy (and pods' reads) outside the cache.
+            _unlink_planted(directory.parent)
             if not directory.parent.exists():
                 directory.parent.mkdir()
                 _fsync_dir(self.datasets)
+            _unlink_planted(directory)
             directory.mkdir(exist_ok=True)
             _fsync_dir(directory.parent)
             target = directory / manifest.version
+            _unlink_planted(target)
             if target.exists():
                 # Same content already published (a re-fetch of an unchanged source).
                 shutil.rmtree(staged)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.field_mask_pb2 import FieldMask
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent.health import CACHE_SERVICE
@@ -210,9 +211,11 @@ def test_two_replicas_of_a_revision_hold_one_version(cluster: LocalCluster) -> N
         assert tree(dataset_dir(cluster, node, "two") / "current") == digests(files)
 
 
-def test_source_overwritten_after_the_version_was_fixed_fails_the_next_replica(
+def test_source_overwritten_after_the_version_was_fixed_fails_a_replica_from_the_source(
     cluster: LocalCluster,
 ) -> None:
+    """A replica that must read the source (no peer copying) fails rather than publish
+    another version; one that can copy from a peer gets the fixed version intact."""
     cluster.create_bucket("life-fixed")
     files = many_files(4, 20, b"m")
     upload(cluster, "life-fixed", "ds/", files)
@@ -223,7 +226,7 @@ def test_source_overwritten_after_the_version_was_fixed_fails_the_next_replica(
     version = cluster.get_dataset("fixed").status.version
 
     upload(cluster, "life-fixed", "ds/", {"part-0007.bin": b"overwritten at the source"})
-    cluster.start_agent("node-2", f"--health-port={free_port()}")
+    cluster.start_agent("node-2", f"--health-port={free_port()}", peers=False)
 
     def failed() -> bool:
         r = replicas(cluster, "fixed").get("node-2")
@@ -239,6 +242,19 @@ def test_source_overwritten_after_the_version_was_fixed_fails_the_next_replica(
     assert list((cluster.cache_dir("node-2") / "staging").iterdir()) == []
     assert ready(cluster, "fixed") == {"node-1"}
     assert cluster.get_dataset("fixed").status.version == version
+
+    # With peers, a new replica copies the fixed version from node-1, not the changed source.
+    update = pb.Dataset(name="fixed", replicas=3)
+    with cluster.channel() as channel:
+        pb_grpc.DatasetServiceStub(channel).UpdateDataset(
+            pb.UpdateDatasetRequest(dataset=update, update_mask=FieldMask(paths=["replicas"])),
+            timeout=10,
+        )
+    cluster.start_agent("node-3", f"--health-port={free_port()}")
+    wait_until(lambda: "node-3" in ready(cluster, "fixed"), 60, "node-3 Ready from its peer")
+    assert replicas(cluster, "fixed")["node-3"].digest == version
+    copied = dataset_dir(cluster, "node-3", "fixed") / "current" / "part-0007.bin"
+    assert copied.read_bytes() == files["part-0007.bin"]
 
 
 class RecordingProxy:
