@@ -1,0 +1,176 @@
+"""Scenario 2: bytes flipped in transit, from S3 and from NFS.
+
+Each transport gets one test that sets up its flipping path and calls `flip_scenario`, which
+creates the dataset, arms the flips, waits for every replica to be Ready, and checks that the
+flips were injected, detected (checksum failures on the agents), repaired by reading again,
+and never exposed. A peer-to-peer test is one more such function: agents copying from each
+other through a `FlipProxy` (tests/chaos/flipproxy.py) or the HTTP `FaultProxy`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from agent.errors import SourceError
+from agent.sources import nfs as nfs_module
+from tests.chaos.flipproxy import FlipProxy
+from tests.chaos.harness import (
+    BIG_KEY,
+    ChaosCluster,
+    DirOrigin,
+    Monitor,
+    Origin,
+    S3Origin,
+    Sizes,
+    generate,
+)
+from tests.chaos.report import ScenarioRecord
+from tests.faultproxy import Fault, FaultProxy, Request, Rule
+from tests.nfsserver import NfsServer, unavailable_reason
+
+
+def flip_scenario(
+    chaos: ChaosCluster,
+    record: ScenarioRecord,
+    origin: Origin,
+    nodes: list[str],
+    arm: Callable[[], None],
+    injected: Callable[[], int],
+    clean_first: bool,
+) -> None:
+    """Runs a dataset of `origin` onto `nodes` (agents started by the caller) with flips armed
+    by `arm`; `injected` counts the flips applied. With `clean_first` the first replica is
+    copied before the flips are armed (it fixes the version the later ones are checked
+    against), otherwise every replica copies through them."""
+    with Monitor(chaos, {"data": origin}) as monitor:
+        started = time.monotonic()
+        if clean_first:
+            chaos.create("data", origin.uri, replicas=1)
+            chaos.wait_ready("data", 1)
+            arm()
+            started = time.monotonic()
+            chaos.update_replicas("data", len(nodes))
+        else:
+            arm()
+            chaos.create("data", origin.uri, replicas=len(nodes))
+        chaos.wait_ready("data", len(nodes), timeout=120)
+        record.recovered(
+            time.monotonic() - started,
+            f"from arming the flips to {len(nodes)} Ready replicas"
+            + (" (after the first, clean one)" if clean_first else ""),
+        )
+        monitor.finish(record)
+    failures = sum(chaos.agent_metric(n, "datacache_agent_checksum_failures_total") for n in nodes)
+    retried = sum(
+        chaos.agent_metric(n, "datacache_agent_fetch_retries_total", reason="checksum")
+        for n in nodes
+    )
+    flips = injected()
+    record.observe(
+        f"{flips} flips injected; agents counted {failures:.0f} checksum failures and "
+        f"{retried:.0f} reads retried for a checksum; every replica Ready and verified"
+    )
+    dataset = chaos.dataset("data")
+    assert dataset is not None
+    methods = {m for r in dataset.status.replicas for m in r.verification.files_by_method}
+    record.observe(f"verification methods recorded: {sorted(methods)}")
+    assert flips > 0
+    # A flip in a read abandoned when another file failed the copy is never checked.
+    assert failures >= 1
+    assert monitor.complete_copies("data") == set(nodes)
+    assert len({r.digest for r in dataset.status.replicas}) == 1
+    assert record.exposed == 0 and record.lost == 0
+
+
+@pytest.mark.scenario(2, "Flipped bytes in transit from S3")
+def test_flipped_bytes_from_s3(
+    chaos: ChaosCluster, bucket: str, sizes: Sizes, record: ScenarioRecord
+) -> None:
+    origin = S3Origin(chaos.local.s3_endpoint, bucket)
+    origin.put_all(generate(4, sizes))
+    nodes = ["node-1", "node-2"]
+
+    def big_range(request: Request) -> bool:
+        return request.range is not None and f"/ds/{BIG_KEY}" in request.path
+
+    rules = [
+        # Whole-object GETs carry the stored CRC: the file is read again at once.
+        Rule(Fault("flip", offset=0), method="GET", path_contains="/ds/small/d0/", limit=2),
+        Rule(
+            Fault("flip", offset=100, xor=0x01),
+            method="GET",
+            path_contains="/ds/small/d5/",
+            limit=2,
+        ),
+        # Ranges carry none: the whole-file CRC catches it and the copy is read again.
+        Rule(Fault("flip", offset=54_321), method="GET", when=big_range, limit=1),
+    ]
+    with FaultProxy(chaos.local.s3_endpoint) as proxy:
+        chaos.start_coordinator()
+        for node in nodes:
+            chaos.start_agent(node, f"--s3-endpoint-url={proxy.url}")
+        chaos.wait_registered(nodes)
+        flip_scenario(
+            chaos,
+            record,
+            origin,
+            nodes,
+            arm=lambda: proxy.set_rules(rules),
+            injected=lambda: proxy.counts()["flip"],
+            clean_first=False,
+        )
+        record.fault(
+            f"{proxy.counts()['flip']} bytes flipped by the fault proxy: in 4 whole-object GETs "
+            f"of small files and in one 1 MiB range of {BIG_KEY}"
+        )
+
+
+@pytest.fixture(scope="module")
+def nfs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NfsServer]:
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"NFS test server: {reason}")
+    try:
+        nfs_module.libnfs()
+    except SourceError as exc:
+        pytest.skip(str(exc))
+    with NfsServer(tmp_path_factory.mktemp("nfs")) as server:
+        yield server
+
+
+@pytest.mark.scenario(2, "Flipped bytes in transit from NFS (NFSv4 through a flipping TCP proxy)")
+def test_flipped_bytes_from_nfs(
+    chaos: ChaosCluster, nfs_server: NfsServer, sizes: Sizes, record: ScenarioRecord
+) -> None:
+    files = generate(5, sizes)
+    big = files[BIG_KEY]
+    small = sorted(k for k in files if k != BIG_KEY and len(files[k]) >= 4096)[0]
+    offset = min(2 * sizes.part_bytes + 777, len(big) - 64)
+    patterns = [big[offset : offset + 32], files[small][1000:1032]]
+    with FlipProxy((nfs_server.address, 2049), patterns) as proxy:
+        origin = DirOrigin(
+            nfs_server.export_dir / "flips",
+            f"nfs://127.0.0.1:{proxy.port}/export/flips/",
+        )
+        origin.put_all(files)
+        nodes = ["node-1", "node-2"]
+        chaos.start_coordinator()
+        for node in nodes:
+            chaos.start_agent(node, "--nfs-version=4")
+        chaos.wait_registered(nodes)
+        flip_scenario(
+            chaos,
+            record,
+            origin,
+            nodes,
+            arm=proxy.arm,
+            injected=lambda: len(proxy.flipped),
+            clean_first=True,
+        )
+        record.fault(
+            f"{len(proxy.flipped)} bytes flipped in NFS READ replies (NFSv4 over TCP) to the "
+            f"second replica: in {BIG_KEY} at offset {offset} and in {small}"
+        )
