@@ -46,7 +46,7 @@ class RateLimiter:
             self._next = start + nbytes / self._rate
             delay = start - now
         if delay > 0 and cancel.wait(delay):
-            raise FetchCancelled("scrub cancelled")
+            raise FetchCancelled("cancelled while rate-limited")
 
 
 def _crc_of(path: Path, size: int, limiter: RateLimiter, cancel: threading.Event) -> int | None:

@@ -46,10 +46,8 @@ def choose_peers(
         return ()
     spin = zlib.crc32(node.encode())
     zone = zones.get(node, "")
-
-    def order(peer: str) -> tuple[bool, int]:
-        index = candidates.index(peer)
-        return (not zone or zones.get(peer, "") != zone, (index + spin) % len(candidates))
-
-    chosen = sorted(candidates, key=order)[:limit]
-    return tuple((peer, addresses[peer]) for peer in chosen)
+    ranked = sorted(
+        (not zone or zones.get(peer, "") != zone, (index + spin) % len(candidates), peer)
+        for index, peer in enumerate(candidates)
+    )
+    return tuple((peer, addresses[peer]) for _, _, peer in ranked[:limit])
