@@ -2,11 +2,13 @@
 agents.
 
     python bench/coordinator.py [--nodes 5000] [--datasets 1000] [--report-rate 500]
-                                [--report-seconds 20] [--json FILE]
+                                [--settle-seconds 15] [--report-seconds 20] [--pass-every 5]
+                                [--log-level info] [--json FILE]
 
 Steps (in a temporary directory, removed at exit):
   1. start `datacache-coordinator` (local labeler, SQLite in the work directory, default
-     reconcile interval, debug logs so every reconcile pass logs its duration);
+     reconcile interval, info logs: every full reconcile pass logs its duration and what it
+     recomputed);
   2. register NODES agents (zones z0-z2; 5% carry pool=gpu) and open one WatchDesiredState
      stream per node (`--watchers` fewer: the rest poll it), all from this process (grpc.aio,
      one connection per 100 streams);
@@ -15,28 +17,44 @@ Steps (in a temporary directory, removed at exit):
      expected number of replicas (placement converged and delivered);
   4. send ReportState at REPORT_RATE per second, open loop (calls are started on schedule
      whether or not earlier ones finished), each node reporting every dataset of its desired
-     set Ready: first one round over all nodes (every report is news: statuses change, labels
-     are set, passes run), then REPORT_SECONDS of steady reports (the same state again);
+     set Ready, in three phases measured separately:
+     - first round: one report from every node (every report is news: statuses change,
+       labels are set, passes run);
+     - settling: SETTLE_SECONDS of steady reports (the same state again) while the
+       coordinator still works through the first round's news;
+     - steady: REPORT_SECONDS of steady reports, and every PASS_EVERY seconds one agent
+       registers again, which triggers a full reconcile pass (without it, a steady phase
+       might see no pass at all: steady reports trigger none, and the forced full pass comes
+       only every 60 s);
      latencies are measured at the client;
-  5. read the coordinator's peak and current RSS (VmHWM, VmRSS), its CPU time, and the
-     durations of its reconcile passes from its log.
+  5. read the coordinator's peak and current RSS (VmHWM, VmRSS; its placement worker's
+     apart), its CPU time per phase and in all, and its reconcile passes (duration and what
+     each recomputed) from its log;
+  6. restart the coordinator on the same database and time its first pass, which computes
+     everything from scratch (`--no-restart` skips this).
 
-What a "full placement pass" is here: one reconcile pass over the whole state, i.e. reading
-every dataset, agent and report from SQLite, placement of every dataset over every live node,
-label diffing, desired sets of every node, and the status fingerprint of every dataset. The
-passes measured are the ones that placed everything after the datasets were created and the
-passes during the steady reports.
+What a "full placement pass" is here: one reconcile pass over the whole state, i.e. every
+dataset, agent and report, placement of every dataset over every live node, label diffing,
+desired sets of every node, and the status fingerprint of every dataset. The coordinator
+computes again only what changed since the previous pass (see coordinator/reconciler.py), so
+the pass that placed everything after the datasets were created
+(`pass_seconds_initial_max`) is the one that does it all from scratch; passes in the steady
+phase show what a full pass costs when little changed.
 
 Client and coordinator share the machine; the client's own CPU use (thousands of streams and
 hundreds of calls per second in Python) competes with the coordinator, so the latencies are
-upper bounds of what the coordinator alone needs.
+upper bounds of what the coordinator alone needs. The client keeps its own pauses out of the
+figures as far as it can: it freezes its garbage collector's view of the streams once they are
+set up, keeps only the calls in flight, and builds each node's report once.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
+import os
 import random
 import re
 import statistics
@@ -56,17 +74,27 @@ from datacache.v1 import datacache_pb2_grpc as pb_grpc
 GIB = 1 << 30
 ZONE = "topology.kubernetes.io/zone"
 DIGEST = "sha256:" + "b" * 64
-_PASS = re.compile(r"Reconcile pass took (\d+\.\d+) s")
+_PASS = re.compile(r"Reconcile pass took (\d+\.\d+) s(?: \((.*)\))?")
 
 
 @dataclass
 class ReportPhase:
+    started_at: float = 0.0
+    """Unix time, seconds (to find the phase in the coordinator's log)."""
+    seconds: float = 0.0
     sent: int = 0
     errors: int = 0
     rate_achieved: float = 0.0
     p50_ms: float = 0.0
     p99_ms: float = 0.0
     max_ms: float = 0.0
+    client_gc_pauses_ms: list[float] = field(default_factory=list)
+    """This process's garbage collections during the phase that took over 10 ms."""
+    coordinator_cpu: float = 0.0
+    """CPU time of the coordinator and its workers during the phase, in cores (1.0: one core
+    busy all along)."""
+    client_cpu: float = 0.0
+    """This process's CPU time during the phase, in cores."""
 
 
 @dataclass
@@ -82,13 +110,24 @@ class Results:
     report_rate_target: float = 0.0
     first_round: ReportPhase | None = None
     """Every node's first Ready report."""
+    settling: ReportPhase | None = None
+    """Reports without news while the first round's news is worked through."""
     steady: ReportPhase | None = None
-    """Reports without news (the same state again)."""
+    """Reports without news (the same state again), with a full pass every PASS_EVERY s."""
     pass_seconds_initial_max: float = 0.0
+    passes_settling: list[str] = field(default_factory=list)
+    """Each pass while settling: its duration and what it recomputed."""
     pass_seconds_steady: list[float] = field(default_factory=list)
+    passes_steady: list[str] = field(default_factory=list)
+    """Each pass during the steady reports: its duration and what it recomputed."""
+    pass_after_restart: str = ""
+    """The first pass of the coordinator started again on the same database (from scratch)."""
     rss_peak_mib: float = 0.0
     rss_end_mib: float = 0.0
+    workers_rss_peak_mib: float = 0.0
+    """Peak RSS of the processes the coordinator started (its placement worker), summed."""
     coordinator_cpu_seconds: float = 0.0
+    """The coordinator's and its workers' CPU time over the whole run."""
 
 
 class Sim:
@@ -110,6 +149,7 @@ class Sim:
         )
         self.names = [f"node-{i:05d}" for i in range(nodes)]
         self.desired: dict[str, list[str]] = {}
+        self.requests: dict[int, tuple[tuple[str, ...], pb.ReportStateRequest]] = {}
         self.streams: list[asyncio.Task[None]] = []
 
     def identity(self, i: int) -> pb.AgentIdentity:
@@ -160,30 +200,38 @@ class Sim:
                 call.cancel()
             await asyncio.sleep(every)
 
-    async def report(self, i: int) -> float:
-        started = time.perf_counter()
-        await self.stub(i).ReportState(
-            pb.ReportStateRequest(
-                agent=self.identity(i),
-                replicas=[
-                    pb.ReplicaReport(
-                        dataset_name=name,
-                        state=pb.REPLICA_STATE_READY,
-                        digest=DIGEST,
-                        files_done=10,
-                        files_total=10,
-                        bytes_done=GIB,
-                        bytes_total=GIB,
-                        disk_bytes=GIB,
-                        revision=1,
-                    )
-                    for name in self.desired.get(self.names[i], [])
-                ],
-                cache_capacity_bytes=1 << 40,
-                cache_free_bytes=(1 << 40) - GIB * len(self.desired.get(self.names[i], [])),
-            ),
-            timeout=60,
+    def report_request(self, i: int) -> pb.ReportStateRequest:
+        """Node `i` reporting every dataset of its desired set Ready (built once per set)."""
+        names = tuple(self.desired.get(self.names[i], []))
+        known = self.requests.get(i)
+        if known is not None and known[0] == names:
+            return known[1]
+        request = pb.ReportStateRequest(
+            agent=self.identity(i),
+            replicas=[
+                pb.ReplicaReport(
+                    dataset_name=name,
+                    state=pb.REPLICA_STATE_READY,
+                    digest=DIGEST,
+                    files_done=10,
+                    files_total=10,
+                    bytes_done=GIB,
+                    bytes_total=GIB,
+                    disk_bytes=GIB,
+                    revision=1,
+                )
+                for name in names
+            ],
+            cache_capacity_bytes=1 << 40,
+            cache_free_bytes=(1 << 40) - GIB * len(names),
         )
+        self.requests[i] = (names, request)
+        return request
+
+    async def report(self, i: int) -> float:
+        request = self.report_request(i)
+        started = time.perf_counter()
+        await self.stub(i).ReportState(request, timeout=60)
         return time.perf_counter() - started
 
     async def close(self) -> None:
@@ -204,11 +252,32 @@ async def bounded(n: int, limit: int, work: Any) -> None:
     await asyncio.gather(*(one(i) for i in range(n)))
 
 
-async def send_reports(sim: Sim, rate: float, count: int) -> ReportPhase:
-    """`count` ReportState calls started at `rate` per second (round robin over nodes),
-    whether or not earlier ones finished; latencies measured at the client."""
+async def send_reports(
+    sim: Sim, rate: float, count: int, pid: int, first: int = 0, pass_every: float = 0.0
+) -> ReportPhase:
+    """`count` ReportState calls started at `rate` per second (round robin over nodes from
+    node `first`), whether or not earlier ones finished; latencies measured at the client.
+    With `pass_every`, one agent registers again every that many seconds (a full pass)."""
     latencies: list[float] = []
     phase = ReportPhase(sent=count)
+    cpu_before, client_before = cpu_seconds(pid), time.process_time()
+    gc_started = 0.0
+
+    def gc_pauses(event: str, info: dict[str, int]) -> None:
+        nonlocal gc_started
+        if event == "start":
+            gc_started = time.perf_counter()
+        elif (pause := time.perf_counter() - gc_started) > 0.01:
+            phase.client_gc_pauses_ms.append(round(1000 * pause, 1))
+
+    gc.callbacks.append(gc_pauses)
+
+    async def trigger_passes() -> None:
+        for i in range(sys.maxsize):
+            await asyncio.sleep(pass_every)
+            await sim.register(i % len(sim.names))
+
+    triggers = asyncio.create_task(trigger_passes()) if pass_every > 0 else None
 
     async def one(i: int) -> None:
         try:
@@ -216,15 +285,28 @@ async def send_reports(sim: Sim, rate: float, count: int) -> ReportPhase:
         except grpc.aio.AioRpcError:
             phase.errors += 1
 
-    tasks: list[asyncio.Task[None]] = []
+    # Only calls in flight are kept: thousands of finished tasks would make this process's
+    # garbage collections (which count as latency) longer.
+    pending: set[asyncio.Task[None]] = set()
+    phase.started_at = time.time()
     begin = time.perf_counter()
     for k in range(count):
         delay = begin + k / rate - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(k % len(sim.names))))
-    await asyncio.gather(*tasks)
-    phase.rate_achieved = count / (time.perf_counter() - begin)
+        task = asyncio.create_task(one((first + k) % len(sim.names)))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+    while pending:
+        await asyncio.gather(*pending)
+    if triggers is not None:
+        triggers.cancel()
+        await asyncio.gather(triggers, return_exceptions=True)
+    gc.callbacks.remove(gc_pauses)
+    elapsed = phase.seconds = time.perf_counter() - begin
+    phase.rate_achieved = count / elapsed
+    phase.coordinator_cpu = round((cpu_seconds(pid) - cpu_before) / elapsed, 2)
+    phase.client_cpu = round((time.process_time() - client_before) / elapsed, 2)
     ordered = sorted(latencies)
     if ordered:
         phase.p50_ms = 1000 * statistics.median(ordered)
@@ -242,20 +324,39 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
+def children(pid: int) -> list[int]:
+    """The processes `pid` started (the coordinator's placement worker)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    import os
+    """CPU time of `pid` and the processes it started, seconds."""
+    total = 0.0
+    for one in [pid, *children(pid)]:
+        try:
+            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-
-def pass_durations(log: Path, since: float) -> list[float]:
+def passes(log: Path, since: float) -> list[tuple[float, str]]:
+    """(duration, what it recomputed) of every reconcile pass logged since `since`."""
     out = []
     for line in log.read_text().splitlines():
         record = json.loads(line)
         match = _PASS.search(record.get("msg", ""))
         if match and record["ts"] >= since:
-            out.append(float(match.group(1)))
+            out.append((float(match.group(1)), match.group(2) or ""))
     return out
 
 
@@ -322,25 +423,69 @@ async def run(args: argparse.Namespace, cluster: LocalCluster) -> Results:
                 )
             await asyncio.sleep(0.05)
         results.converge_seconds = time.perf_counter() - started
-        initial = pass_durations(log, created_at)
+        # This process holds 5,000 streams too: a full collection of its heap would pause it
+        # for a few hundred milliseconds and count as latency of every call in flight. What
+        # exists now lives to the end; collect only what the report phases create.
+        gc.collect()
+        gc.freeze()
+        initial = [seconds for seconds, _ in passes(log, created_at)]
         results.pass_seconds_initial_max = max(initial, default=0.0)
 
         # Reports at a fixed rate, open loop: first every node's first Ready report (every
         # one is news: status changes, labels, reconcile passes), then steady reports.
         results.report_rate_target = args.report_rate
-        phase_one = await send_reports(sim, args.report_rate, args.nodes)
+        phase_one = await send_reports(sim, args.report_rate, args.nodes, pid)
         results.first_round = phase_one
+        settling_at = time.time()
+        settle_count = int(args.report_rate * args.settle_seconds)
+        if settle_count:
+            results.settling = await send_reports(
+                sim, args.report_rate, settle_count, pid, first=args.nodes
+            )
+        results.passes_settling = [f"{t:.3f} s: {what}" for t, what in passes(log, settling_at)]
         reports_at = time.time()
         steady_count = int(args.report_rate * args.report_seconds)
-        results.steady = await send_reports(sim, args.report_rate, steady_count)
-        results.pass_seconds_steady = [round(p, 3) for p in pass_durations(log, reports_at)]
+        results.steady = await send_reports(
+            sim,
+            args.report_rate,
+            steady_count,
+            pid,
+            first=args.nodes + settle_count,
+            pass_every=args.pass_every,
+        )
+        steady = passes(log, reports_at)
+        results.pass_seconds_steady = [round(seconds, 3) for seconds, _ in steady]
+        results.passes_steady = [f"{seconds:.3f} s: {what}" for seconds, what in steady]
         status = proc_status(pid)
         results.rss_peak_mib = status["VmHWM"] / (1 << 20)
         results.rss_end_mib = status["VmRSS"] / (1 << 20)
+        results.workers_rss_peak_mib = sum(
+            proc_status(child)["VmHWM"] for child in children(pid)
+        ) / (1 << 20)
         results.coordinator_cpu_seconds = cpu_seconds(pid)
     finally:
         await sim.close()
+    if args.restart:
+        # A restarted coordinator knows nothing but the database: its first pass computes
+        # everything from scratch (every agent has a fresh lease until it reports again).
+        restarted_at = time.time()
+        await asyncio.to_thread(restart, cluster, args)
+        deadline = time.monotonic() + 120
+        while not (after := passes(cluster.coordinator.log_path, restarted_at)):
+            if time.monotonic() > deadline:
+                raise RuntimeError("no reconcile pass within 120 s of the restart")
+            await asyncio.sleep(0.2)
+        results.pass_after_restart = f"{after[0][0]:.3f} s: {after[0][1]}"
     return results
+
+
+def coordinator_flags(args: argparse.Namespace) -> list[str]:
+    return ["--lease-seconds=600", f"--log-level={args.log_level}"]
+
+
+def restart(cluster: LocalCluster, args: argparse.Namespace) -> None:
+    cluster.coordinator.stop()
+    cluster.start_coordinator(*coordinator_flags(args), timeout=120)
 
 
 def main() -> None:
@@ -348,7 +493,21 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=5000)
     parser.add_argument("--datasets", type=int, default=1000)
     parser.add_argument("--report-rate", type=float, default=500.0)
+    parser.add_argument(
+        "--settle-seconds",
+        type=float,
+        default=15.0,
+        help="steady reports sent (and measured apart) between the first round and the "
+        "steady phase; 0: none",
+    )
     parser.add_argument("--report-seconds", type=float, default=20.0)
+    parser.add_argument(
+        "--pass-every",
+        type=float,
+        default=5.0,
+        help="during the steady phase, one agent registers again every this many seconds, "
+        "which triggers a full reconcile pass; 0: never",
+    )
     parser.add_argument(
         "--watchers",
         type=int,
@@ -356,16 +515,25 @@ def main() -> None:
         help="nodes holding a WatchDesiredState stream (default: all); the others poll it",
     )
     parser.add_argument("--poll-seconds", type=float, default=2.0)
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        help="the coordinator's log level (at debug, grpc logs a line for every call, which "
+        "costs the coordinator more CPU than handling a report)",
+    )
+    parser.add_argument(
+        "--no-restart",
+        dest="restart",
+        action="store_false",
+        help="skip the last step: restart the coordinator and time its first pass",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--workdir", type=Path, help="work directory (default: a temporary one)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="datacache-coordinator-bench-") as tmp:
         workdir = args.workdir or Path(tmp)
         with LocalCluster(workdir) as cluster:
-            cluster.start_coordinator(
-                "--log-level=debug",
-                "--lease-seconds=600",
-            )
+            cluster.start_coordinator(*coordinator_flags(args))
             results = asyncio.run(run(args, cluster))
     summary = asdict(results)
     steady = results.pass_seconds_steady

@@ -17,10 +17,11 @@ from typing import Any
 import grpc
 
 from coordinator import metrics
+from coordinator.desired_sets import DesiredDataset
 from coordinator.errors import CoordinatorError, FailedPrecondition, InvalidArgument
 from coordinator.grpc_edge import ResourceExhausted, grpc_errors, status_of
 from coordinator.model import AgentRecord, ManifestRow, ReplicaReport, ReplicaState
-from coordinator.reconciler import DesiredDataset, DesiredStateHub, Reconciler
+from coordinator.reconciler import DesiredStateHub, Reconciler
 from coordinator.settings import CoordinatorSettings
 from coordinator.spec import validate_labels
 from coordinator.store import Store
@@ -262,7 +263,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
             raise InvalidArgument("report lists the same dataset more than once")
         agent = self._require_registered(node, cache_id, uid)
         was_live = self._reconciler.is_live(node)
-        earlier = {r.dataset: r for r in self._store.reports(node=node)}
+        earlier = self._store.node_reports(node)  # a snapshot: the write below replaces it
         for report in reports:
             # Progress since the last report; a new copy starting again from zero adds nothing.
             before = earlier.get(report.dataset)

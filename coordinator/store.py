@@ -3,9 +3,15 @@ replica reports, evictions and local labels.
 
 Dataset definitions, fixed versions and the change history exist only here (back the file with
 a persistent volume); agents, assignments and replica states are rebuilt from agents'
-registrations and reports. SQLite in WAL mode with `synchronous=FULL` keeps it all across
-restarts. All statements run on the event-loop thread: they are sub-millisecond, and one
-connection keeps transactions simple.
+registrations and reports. SQLite in WAL mode keeps it all across restarts (see
+`_transaction` for which commits wait for the disk). All statements run on the event-loop
+thread: they are sub-millisecond, and one connection keeps transactions simple.
+
+The rows read on every report and every reconcile pass (datasets, agents, assignments, replica
+reports, fixed versions, local labels) are also kept in memory (`StoreCache`): reads come from
+there, and each write is applied to it after its commit, either as the values SQLite stored
+(column affinities applied) or by reading the written rows back. A write by another
+connection (`PRAGMA data_version` moves) makes the next read load the cache again.
 
 The schema is versioned with `PRAGMA user_version`; opening an older database migrates it in
 place (datasets are kept), opening a newer one is refused.
@@ -13,6 +19,7 @@ place (datasets are kept), opening a newer one is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sqlite3
@@ -35,6 +42,7 @@ from coordinator.model import (
     Toleration,
     VersionRecord,
 )
+from coordinator.store_cache import StoreCache
 
 SCHEMA_VERSION = 3
 
@@ -169,6 +177,7 @@ _REPLICA_COLUMNS = (
     " message, update_time, revision, bytes_per_second, verification, last_used_time,"
     " serving_version, disk_bytes"
 )
+_VERSION_COLUMNS = "dataset, revision, version, files, total_bytes, create_time"
 _PRUNE_EVERY = 64
 
 
@@ -237,6 +246,18 @@ def _replica(row: Sequence[Any]) -> ReplicaReport:
     )
 
 
+def _integer(value: Any) -> Any:
+    """`value` as a column of INTEGER affinity returns it (an integral float becomes int)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return int(value) if isinstance(value, int) else value
+
+
+def _real(value: Any) -> Any:
+    """`value` as a column of REAL affinity returns it (an int becomes float)."""
+    return float(value) if isinstance(value, int) else value
+
+
 def _spec_values(spec: DatasetSpec) -> tuple[Any, ...]:
     return (
         spec.source,
@@ -265,10 +286,15 @@ class Store:
         self._history_seconds = history_seconds
         self._clock = clock
         self._pending: list[Change] = []
+        self._cache: StoreCache | None = None
+        self._cache_version = -1
+        self._touched = _Touched()
         self.listeners: list[Callable[[Change], None]] = []
         """Called with every change once it is committed (WatchDatasets fans them out)."""
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        # Most writes are reports, leases and labels (see `_transaction`): NORMAL is the
+        # connection's default, and durable writes raise it to FULL for their commit.
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._migrate()
@@ -308,8 +334,9 @@ class Store:
         (reports, leases, labels, status): its commit skips the fsync (WAL, synchronous=NORMAL)
         and becomes durable with the next durable commit; a power loss can lose it, a crash
         of the process cannot. Dataset specs and versions are always written durably."""
-        if not durable:
-            self._db.execute("PRAGMA synchronous=NORMAL")
+        if durable:
+            self._db.execute("PRAGMA synchronous=FULL")
+        self._touched = _Touched()
         try:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -317,15 +344,87 @@ class Store:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 self._pending.clear()
+                self._touched = _Touched()
                 raise
             self._db.execute("COMMIT")
         finally:
-            if not durable:
-                self._db.execute("PRAGMA synchronous=FULL")
+            if durable:
+                self._db.execute("PRAGMA synchronous=NORMAL")
+        touched, self._touched = self._touched, _Touched()
+        if self._cache is not None:
+            self._apply(self._cache, touched)
         changes, self._pending = self._pending, []
         for change in changes:
             for listener in self.listeners:
                 listener(change)
+
+    # The in-memory cache ----------------------------------------------------------------------
+
+    def _cached(self) -> StoreCache:
+        """The cache, (re)loaded when missing or when another connection wrote."""
+        if self._db.in_transaction:
+            raise RuntimeError("the store's cache is read outside transactions only")
+        version = self._db.execute("PRAGMA data_version").fetchone()[0]
+        if self._cache is None or version != self._cache_version:
+            self._cache = self._load_cache()
+            self._cache_version = version
+        return self._cache
+
+    def _load_cache(self) -> StoreCache:
+        cache = StoreCache()
+        for row in self._db.execute(f"SELECT {_DATASET_COLUMNS} FROM datasets").fetchall():
+            cache.datasets[row[0]] = _dataset(row)
+        for row in self._db.execute(f"SELECT {_AGENT_COLUMNS} FROM agents").fetchall():
+            cache.agents[row[0]] = _agent(row)
+        assigned: dict[str, set[str]] = {}
+        for dataset, node in self._db.execute("SELECT dataset, node_name FROM assignments"):
+            assigned.setdefault(dataset, set()).add(node)
+        cache.set_assignments({d: frozenset(n) for d, n in assigned.items()})
+        by_node: dict[str, list[ReplicaReport]] = {}
+        for row in self._db.execute(
+            f"SELECT {_REPLICA_COLUMNS} FROM replicas ORDER BY node_name, dataset"
+        ).fetchall():
+            by_node.setdefault(row[1], []).append(_replica(row))
+        for node, reports in by_node.items():
+            cache.put_node_reports(node, reports)
+        for row in self._db.execute(f"SELECT {_VERSION_COLUMNS} FROM versions").fetchall():
+            cache.versions[(row[0], row[1])] = VersionRecord(*row)
+        labels: dict[str, dict[str, str]] = {}
+        for node, key, value in self._db.execute(
+            "SELECT node_name, key, value FROM local_labels ORDER BY node_name, key"
+        ):
+            labels.setdefault(node, {})[key] = value
+        for node, node_labels in labels.items():
+            cache.put_labels(node, node_labels)
+        return cache
+
+    def _apply(self, cache: StoreCache, touched: _Touched) -> None:
+        """Brings the cache up to a committed write: the changes it recorded first, then the
+        rows it touched, read back from the database."""
+        for change in touched.changes:
+            change(cache)
+        for name, (rv, when) in touched.bumps.items():
+            record = cache.datasets.get(name)
+            if record is not None and name not in touched.datasets:
+                cache.put_dataset(
+                    name, dataclasses.replace(record, resource_version=rv, update_time=when)
+                )
+        reread = touched.datasets | {n for n in touched.bumps if n not in cache.datasets}
+        for name in reread:
+            row = self._db.execute(
+                f"SELECT {_DATASET_COLUMNS} FROM datasets WHERE name = ?", (name,)
+            ).fetchone()
+            cache.put_dataset(name, _dataset(row) if row else None)
+        for name in touched.versions:
+            rows = self._db.execute(
+                f"SELECT {_VERSION_COLUMNS} FROM versions WHERE dataset = ?", (name,)
+            ).fetchall()
+            cache.put_versions(name, [VersionRecord(*r) for r in rows])
+        for node in touched.agents:
+            row = self._db.execute(
+                f"SELECT {_AGENT_COLUMNS} FROM agents WHERE node_name = ?", (node,)
+            ).fetchone()
+            cache.put_agent(node, _agent(row) if row else None)
 
     # Change history -------------------------------------------------------------------------
 
@@ -350,6 +449,7 @@ class Store:
             (rv, dataset, kind, now),
         )
         self._pending.append(Change(rv, dataset, kind))
+        self._touched.bumps[dataset] = (rv, _real(now))
         db.execute(
             "UPDATE datasets SET resource_version = ?, update_time = ? WHERE name = ?",
             (rv, now, dataset),
@@ -411,14 +511,12 @@ class Store:
                 " revision) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)",
                 (name, *_spec_values(spec), now, now),
             )
+            self._touched.datasets.add(name)
             self._bump(db, name, "ADDED")
         return self.get_dataset(name)
 
     def find_dataset(self, name: str) -> DatasetRecord | None:
-        row = self._db.execute(
-            f"SELECT {_DATASET_COLUMNS} FROM datasets WHERE name = ?", (name,)
-        ).fetchone()
-        return _dataset(row) if row else None
+        return self._cached().datasets.get(name)
 
     def get_dataset(self, name: str) -> DatasetRecord:
         record = self.find_dataset(name)
@@ -432,6 +530,10 @@ class Store:
             (after, limit),
         ).fetchall()
         return [_dataset(r) for r in rows]
+
+    def dataset_map(self) -> dict[str, DatasetRecord]:
+        """Every dataset by name (a snapshot: later writes do not change it)."""
+        return dict(self._cached().datasets)
 
     def _live_row(self, db: sqlite3.Connection, name: str) -> None:
         row = db.execute("SELECT deleting FROM datasets WHERE name = ?", (name,)).fetchone()
@@ -450,6 +552,7 @@ class Store:
                 " revision = revision + ? WHERE name = ?",
                 (*_spec_values(spec), int(new_revision), name),
             )
+            self._touched.datasets.add(name)
             self._bump(db, name, "MODIFIED")
         return self.get_dataset(name)
 
@@ -461,6 +564,7 @@ class Store:
         with self._transaction() as db:
             self._live_row(db, name)
             db.execute("UPDATE datasets SET revision = revision + 1 WHERE name = ?", (name,))
+            self._touched.datasets.add(name)
             self._bump(db, name, "MODIFIED")
         return self.get_dataset(name)
 
@@ -471,6 +575,7 @@ class Store:
                 raise NotFound(f"dataset {name!r} not found; list datasets to see the names")
             if not row[0]:
                 db.execute("UPDATE datasets SET deleting = 1 WHERE name = ?", (name,))
+                self._touched.datasets.add(name)
                 self._bump(db, name, "MODIFIED")
 
     def purge_dataset(self, name: str) -> None:
@@ -483,6 +588,8 @@ class Store:
             db.execute("DELETE FROM version_entries WHERE dataset = ?", (name,))
             db.execute("DELETE FROM evictions WHERE dataset = ?", (name,))
             cur = db.execute("DELETE FROM datasets WHERE name = ?", (name,))
+            self._touched.changes.append(lambda cache: cache.drop_dataset(name))
+            self._touched.datasets.add(name)
             if cur.rowcount:
                 self._bump(db, name, "DELETED")
 
@@ -507,18 +614,19 @@ class Store:
     # Versions -------------------------------------------------------------------------------
 
     def fixed_version(self, dataset: str, revision: int) -> VersionRecord | None:
-        row = self._db.execute(
-            "SELECT dataset, revision, version, files, total_bytes, create_time FROM versions"
-            " WHERE dataset = ? AND revision = ?",
+        return self._cached().versions.get((dataset, revision))
+
+    def _select_fixed_version(
+        self, db: sqlite3.Connection, dataset: str, revision: int
+    ) -> VersionRecord | None:
+        row = db.execute(
+            f"SELECT {_VERSION_COLUMNS} FROM versions WHERE dataset = ? AND revision = ?",
             (dataset, revision),
         ).fetchone()
         return VersionRecord(*row) if row else None
 
     def fixed_versions(self) -> dict[tuple[str, int], VersionRecord]:
-        rows = self._db.execute(
-            "SELECT dataset, revision, version, files, total_bytes, create_time FROM versions"
-        ).fetchall()
-        return {(r[0], r[1]): VersionRecord(*r) for r in rows}
+        return dict(self._cached().versions)
 
     def find_version(self, dataset: str, version: str) -> VersionRecord | None:
         row = self._db.execute(
@@ -545,9 +653,10 @@ class Store:
                     f"revision {revision} of dataset {dataset!r} is not current (current: "
                     f"{row[0]}{', being deleted' if row[1] else ''}); fetch the current revision"
                 )
-            existing = self.fixed_version(dataset, revision)
+            existing = self._select_fixed_version(db, dataset, revision)
             if existing is not None:
                 return existing, False
+            self._touched.versions.add(dataset)
             known = db.execute(
                 "SELECT 1 FROM version_entries WHERE dataset = ? AND version = ? LIMIT 1",
                 (dataset, version),
@@ -624,6 +733,7 @@ class Store:
             )
             if replaced:
                 self._forget_node(db, agent.node_name, keep_agent=True)
+            self._touched.agents.add(agent.node_name)
             db.execute(
                 f"INSERT INTO agents ({_AGENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (node_name) DO UPDATE SET cache_id = excluded.cache_id,"
@@ -657,11 +767,44 @@ class Store:
     ) -> None:
         """A report's lease renewal: only the fields a report carries."""
         with self._transaction(durable=False) as db:
-            db.execute(
-                "UPDATE agents SET last_seen = ?, capacity_bytes = ?, free_bytes = ?,"
-                " pressure_bytes = ? WHERE node_name = ?",
-                (last_seen, capacity_bytes, free_bytes, pressure_bytes, node_name),
-            )
+            self._renew(db, node_name, last_seen, capacity_bytes, free_bytes, pressure_bytes)
+
+    def _renew(
+        self,
+        db: sqlite3.Connection,
+        node_name: str,
+        last_seen: float,
+        capacity_bytes: int,
+        free_bytes: int,
+        pressure_bytes: int,
+    ) -> None:
+        values = (
+            _real(last_seen),
+            _integer(capacity_bytes),
+            _integer(free_bytes),
+            _integer(pressure_bytes),
+        )
+        db.execute(
+            "UPDATE agents SET last_seen = ?, capacity_bytes = ?, free_bytes = ?,"
+            " pressure_bytes = ? WHERE node_name = ?",
+            (*values, node_name),
+        )
+
+        def renewed(cache: StoreCache) -> None:
+            agent = cache.agents.get(node_name)
+            if agent is not None:
+                cache.put_agent(
+                    node_name,
+                    dataclasses.replace(
+                        agent,
+                        last_seen=values[0],
+                        capacity_bytes=values[1],
+                        free_bytes=values[2],
+                        pressure_bytes=values[3],
+                    ),
+                )
+
+        self._touched.changes.append(renewed)
 
     def record_report(
         self,
@@ -675,18 +818,15 @@ class Store:
         """A report in one (non-durable) transaction: the lease renewal and the node's full
         actual state (datasets absent from `reports` are gone)."""
         with self._transaction(durable=False) as db:
-            db.execute(
-                "UPDATE agents SET last_seen = ?, capacity_bytes = ?, free_bytes = ?,"
-                " pressure_bytes = ? WHERE node_name = ?",
-                (last_seen, capacity_bytes, free_bytes, pressure_bytes, node_name),
-            )
+            self._renew(db, node_name, last_seen, capacity_bytes, free_bytes, pressure_bytes)
             self._write_reports(db, node_name, reports)
 
     def get_agent(self, node_name: str) -> AgentRecord | None:
-        row = self._db.execute(
-            f"SELECT {_AGENT_COLUMNS} FROM agents WHERE node_name = ?", (node_name,)
-        ).fetchone()
-        return _agent(row) if row else None
+        return self._cached().agents.get(node_name)
+
+    def agent_map(self) -> dict[str, AgentRecord]:
+        """Every agent by node name (a snapshot: later writes do not change it)."""
+        return dict(self._cached().agents)
 
     def list_agents(self) -> list[AgentRecord]:
         rows = self._db.execute(f"SELECT {_AGENT_COLUMNS} FROM agents ORDER BY node_name")
@@ -695,7 +835,11 @@ class Store:
     def extend_all_leases(self, now: float) -> None:
         """Gives every known agent a fresh lease: after a coordinator restart, agents had no
         way to report, so their old timestamps say nothing about whether they are alive."""
-        self._db.execute("UPDATE agents SET last_seen = MAX(last_seen, ?)", (now,))
+        with self._transaction() as db:
+            db.execute("UPDATE agents SET last_seen = MAX(last_seen, ?)", (now,))
+        if self._cache is not None:
+            for row in self._db.execute(f"SELECT {_AGENT_COLUMNS} FROM agents").fetchall():
+                self._cache.put_agent(row[0], _agent(row))
 
     def _forget_node(self, db: sqlite3.Connection, node: str, keep_agent: bool) -> None:
         db.execute("DELETE FROM replicas WHERE node_name = ?", (node,))
@@ -703,6 +847,7 @@ class Store:
         db.execute("DELETE FROM evictions WHERE node_name = ?", (node,))
         if not keep_agent:
             db.execute("DELETE FROM agents WHERE node_name = ?", (node,))
+        self._touched.changes.append(lambda cache: cache.drop_node(node, keep_agent))
 
     def forget_node(self, node: str) -> None:
         """Drops a deleted or replaced node: its agent, reports, assignments and evictions."""
@@ -712,16 +857,11 @@ class Store:
     # Assignments ----------------------------------------------------------------------------
 
     def assignments(self) -> dict[str, frozenset[str]]:
-        out: dict[str, set[str]] = {}
-        for dataset, node in self._db.execute("SELECT dataset, node_name FROM assignments"):
-            out.setdefault(dataset, set()).add(node)
-        return {d: frozenset(n) for d, n in out.items()}
+        """Nodes by dataset (a snapshot); datasets without nodes are absent."""
+        return dict(self._cached().assignments)
 
     def assigned_nodes(self, dataset: str) -> frozenset[str]:
-        rows = self._db.execute(
-            "SELECT node_name FROM assignments WHERE dataset = ?", (dataset,)
-        ).fetchall()
-        return frozenset(r[0] for r in rows)
+        return self._cached().assignments.get(dataset, frozenset())
 
     def set_assignments(self, desired: Mapping[str, frozenset[str]]) -> None:
         """Makes the assignments equal `desired`, writing only the difference."""
@@ -737,6 +877,8 @@ class Store:
                 "INSERT INTO assignments (dataset, node_name) VALUES (?, ?)",
                 sorted(wanted - present),
             )
+            snapshot = dict(desired)
+            self._touched.changes.append(lambda cache: cache.set_assignments(snapshot))
 
     # Replica reports ------------------------------------------------------------------------
 
@@ -748,86 +890,95 @@ class Store:
     def _write_reports(
         self, db: sqlite3.Connection, node_name: str, reports: Iterable[ReplicaReport]
     ) -> None:
+        # The rows as SQLite stores them (column affinity applied), so the cache gets exactly
+        # what reading them back would give.
+        rows = [
+            (
+                r.dataset,
+                node_name,
+                r.state.value,
+                r.digest,
+                _integer(r.files_done),
+                _integer(r.bytes_done),
+                _integer(r.files_total),
+                _integer(r.bytes_total),
+                r.message,
+                _real(r.update_time),
+                _integer(r.revision),
+                _real(r.bytes_per_second),
+                json.dumps(dict(sorted(r.verification.items()))),
+                _real(r.last_used_time),
+                r.serving_version,
+                _integer(r.disk_bytes),
+            )
+            for r in reports
+        ]
         db.execute("DELETE FROM replicas WHERE node_name = ?", (node_name,))
         db.executemany(
             f"INSERT INTO replicas ({_REPLICA_COLUMNS})"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    r.dataset,
-                    node_name,
-                    r.state.value,
-                    r.digest,
-                    r.files_done,
-                    r.bytes_done,
-                    r.files_total,
-                    r.bytes_total,
-                    r.message,
-                    r.update_time,
-                    r.revision,
-                    r.bytes_per_second,
-                    json.dumps(dict(sorted(r.verification.items()))),
-                    r.last_used_time,
-                    r.serving_version,
-                    r.disk_bytes,
-                )
-                for r in reports
-            ],
+            rows,
         )
+        stored = [_replica(row) for row in rows]
+        self._touched.changes.append(lambda cache: cache.put_node_reports(node_name, stored))
 
     def reports(self, dataset: str | None = None, node: str | None = None) -> list[ReplicaReport]:
-        where: str = ""
-        args: tuple[str, ...] = ()
+        """Reports, ordered by dataset and node; of one dataset, one node, or both."""
+        cache = self._cached()
         if dataset is not None:
-            where, args = "WHERE dataset = ?", (dataset,)
-        elif node is not None:
-            where, args = "WHERE node_name = ?", (node,)
-        rows = self._db.execute(
-            f"SELECT {_REPLICA_COLUMNS} FROM replicas {where} ORDER BY dataset, node_name", args
-        ).fetchall()
-        out = [_replica(r) for r in rows]
-        if dataset is not None and node is not None:
-            out = [r for r in out if r.node_name == node]
-        return out
+            here = cache.by_dataset.get(dataset, {})
+            return [here[n] for n in sorted(here) if node is None or n == node]
+        if node is not None:
+            mine = cache.by_node.get(node, {})
+            return [mine[d] for d in sorted(mine)]
+        return [
+            by_node[n] for d, by_node in sorted(cache.by_dataset.items()) for n in sorted(by_node)
+        ]
+
+    def reports_by_dataset(self) -> dict[str, Mapping[str, ReplicaReport]]:
+        """Reports by dataset, then node (a snapshot). A dataset's inner mapping is replaced,
+        never changed, when its reports change: an unchanged one is the same object."""
+        return dict(self._cached().by_dataset)
+
+    def node_reports(self, node: str) -> Mapping[str, ReplicaReport]:
+        """A node's reports by dataset (read-only; a snapshot)."""
+        return self._cached().by_node.get(node, MappingProxyType({}))
 
     # Evictions ------------------------------------------------------------------------------
 
     def record_eviction(self, dataset: str, node: str, when: float) -> None:
-        self._db.execute(
-            "INSERT INTO evictions (dataset, node_name, time) VALUES (?, ?, ?)"
-            " ON CONFLICT (dataset, node_name) DO UPDATE SET time = excluded.time",
-            (dataset, node, when),
-        )
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO evictions (dataset, node_name, time) VALUES (?, ?, ?)"
+                " ON CONFLICT (dataset, node_name) DO UPDATE SET time = excluded.time",
+                (dataset, node, when),
+            )
 
     def evictions_since(self, since: float) -> frozenset[tuple[str, str]]:
         """(dataset, node) pairs evicted at or after `since`; older entries are dropped."""
-        self._db.execute("DELETE FROM evictions WHERE time < ?", (since,))
+        with self._transaction() as db:
+            db.execute("DELETE FROM evictions WHERE time < ?", (since,))
         rows = self._db.execute("SELECT dataset, node_name FROM evictions").fetchall()
         return frozenset((r[0], r[1]) for r in rows)
 
     # Local labels ---------------------------------------------------------------------------
 
     def local_labels(self) -> dict[str, dict[str, str]]:
-        out: dict[str, dict[str, str]] = {}
-        for node, key, value in self._db.execute(
-            "SELECT node_name, key, value FROM local_labels ORDER BY node_name, key"
-        ):
-            out.setdefault(node, {})[key] = value
-        return out
+        return {n: labels.copy() for n, labels in sorted(self._cached().labels.items())}
 
     def local_labels_of(self, node_name: str) -> dict[str, str]:
-        rows = self._db.execute(
-            "SELECT key, value FROM local_labels WHERE node_name = ? ORDER BY key", (node_name,)
-        ).fetchall()
-        return dict(rows)
+        labels = self._cached().labels.get(node_name)
+        return labels.copy() if labels is not None else {}
 
     def set_local_labels(self, node_name: str, labels: Mapping[str, str]) -> None:
         with self._transaction(durable=False) as db:
             db.execute("DELETE FROM local_labels WHERE node_name = ?", (node_name,))
+            rows = [(node_name, k, v) for k, v in sorted(labels.items())]
             db.executemany(
-                "INSERT INTO local_labels (node_name, key, value) VALUES (?, ?, ?)",
-                [(node_name, k, v) for k, v in sorted(labels.items())],
+                "INSERT INTO local_labels (node_name, key, value) VALUES (?, ?, ?)", rows
             )
+            stored = {k: v for _, k, v in rows}
+            self._touched.changes.append(lambda cache: cache.put_labels(node_name, stored))
 
 
 def _spec_of(record: DatasetRecord, **changes: Any) -> DatasetSpec:
@@ -848,3 +999,16 @@ def _spec_of(record: DatasetRecord, **changes: Any) -> DatasetSpec:
 def spec_of(record: DatasetRecord) -> DatasetSpec:
     """The changeable fields of a stored dataset."""
     return _spec_of(record)
+
+
+class _Touched:
+    """What a transaction wrote, for the cache: rows to read back and bulk changes."""
+
+    def __init__(self) -> None:
+        self.datasets: set[str] = set()
+        """Datasets whose rows to read back."""
+        self.bumps: dict[str, tuple[int, float]] = {}
+        """Datasets whose resource version and update time (only) changed."""
+        self.versions: set[str] = set()
+        self.agents: set[str] = set()
+        self.changes: list[Callable[[StoreCache], None]] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -37,7 +38,12 @@ def timestamp(seconds: float) -> Timestamp:
 def is_current(report: ReplicaReport, record: DatasetRecord) -> bool:
     """Whether a report is about the dataset's current revision (agents that do not know
     revisions report 0, which means whatever they were last sent)."""
-    return report.revision in (0, record.revision)
+    return is_current_revision(report, record.revision)
+
+
+def is_current_revision(report: ReplicaReport, revision: int) -> bool:
+    """`is_current` for a dataset whose current revision is `revision`."""
+    return report.revision in (0, revision)
 
 
 def counts_ready(report: ReplicaReport, record: DatasetRecord) -> bool:
@@ -48,6 +54,54 @@ def serves(report: ReplicaReport) -> bool:
     """Whether pods may read the node's copy: a Ready copy (of any revision), or an older
     version served while a newer one is fetched."""
     return report.state is ReplicaState.READY or bool(report.serving_version)
+
+
+STATUS_IGNORES = frozenset(
+    {"dataset", "update_time", "bytes_per_second", "last_used_time", "disk_bytes"}
+)
+"""Report fields a dataset's status fingerprint does not depend on: the dataset (implied), the
+times and throughput `status_fingerprint` clears, and the bytes on disk (not shown)."""
+
+
+def status_inputs(report: ReplicaReport) -> tuple[Any, ...]:
+    """Everything of a report that a dataset's status fingerprint depends on: every field but
+    `STATUS_IGNORES` (a reconcile pass recomputes a status only when these changed)."""
+    return (
+        report.node_name,
+        report.state,
+        report.digest,
+        report.files_done,
+        report.bytes_done,
+        report.files_total,
+        report.bytes_total,
+        report.message,
+        report.revision,
+        report.verification,
+        report.serving_version,
+    )
+
+
+STATUS_RECORD_IGNORES = frozenset({"resource_version", "update_time"})
+"""Dataset record fields its status does not depend on (a status change moves them)."""
+
+
+def status_record(record: DatasetRecord) -> tuple[Any, ...]:
+    """Every field of a dataset record but `STATUS_RECORD_IGNORES`: what of the record a
+    reconcile pass compares to decide whether to compute the status again."""
+    return (
+        record.name,
+        record.source,
+        record.replicas,
+        record.create_time,
+        record.deleting,
+        record.all_nodes,
+        record.node_selector,
+        record.tolerations,
+        record.pin,
+        record.credentials_secret,
+        record.revision,
+        record.max_replicas,
+    )
 
 
 def replica_rows(
