@@ -215,7 +215,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
                 agent_version=request.agent_version[:100],
             )
         )
-        self._reconciler.seen(node, now)
+        self._reconciler.seen(node)
         self._reconciler.set_peer_address(node, request.peer_address)
         log.info(
             "Agent registered (cache %s%s%s)",
@@ -279,7 +279,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
             pressure_bytes=request.pressure_bytes,
             reports=reports,
         )
-        self._reconciler.seen(node, now)
+        self._reconciler.seen(node)
         now_by_name = {r.dataset: r for r in reports}
         changed = {
             d

@@ -8,8 +8,7 @@ Names are pinned by tests/test_metrics.py.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -64,9 +63,11 @@ class StateCollector(Collector):
     Scrapes run on the metrics server's thread, so each opens its own SQLite connection (WAL
     lets it read while the coordinator writes) instead of sharing the event loop's."""
 
-    def __init__(self, db_path: Path, lease_seconds: float) -> None:
+    def __init__(self, db_path: Path, live_nodes: Callable[[], set[str]]) -> None:
         self._db_path = db_path
-        self._lease_seconds = lease_seconds
+        self._live_nodes = live_nodes
+        """The reconciler's lease view: the database's wall-clock times would disagree with
+        it after a clock step."""
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         store = Store(self._db_path)
@@ -87,9 +88,8 @@ class StateCollector(Collector):
             "Evicting).",
             labels=["dataset", "state"],
         )
-        cutoff = time.time() - self._lease_seconds
         agents_known = store.list_agents()
-        live = {a.node_name for a in agents_known if a.last_seen >= cutoff}
+        live = self._live_nodes()
         assignments = store.assignments()
         for record in store.list_datasets():
             desired.add_metric([record.name], 0 if record.deleting else record.replicas)

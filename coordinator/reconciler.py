@@ -111,6 +111,7 @@ class Reconciler:
         credentials: CredentialsProvider | None = None,
         directory: NodeDirectory | None = None,
         demand: tuple[DemandTracker, DemandScaler] | None = None,
+        lease_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
         self._labeler = labeler
@@ -131,7 +132,13 @@ class Reconciler:
         )
         self._lock = asyncio.Lock()
         # Lease bookkeeping in memory: reports renew it hundreds of times a second at scale.
-        self._last_seen = {a.node_name: a.last_seen for a in store.list_agents()}
+        # Leases run on a monotonic clock: a wall-clock step (NTP) must not expire them all at
+        # once. The stored wall-clock times only carry each lease's age across a restart.
+        self._lease_clock = lease_clock
+        wall, held = clock(), lease_clock()
+        self._last_seen = {
+            a.node_name: held - max(0.0, wall - a.last_seen) for a in store.list_agents()
+        }
         self._hashes = store.status_hashes()
         self._problems: dict[str, str] = {}
         self._peer_addresses: dict[str, str] = {}
@@ -234,8 +241,9 @@ class Reconciler:
 
     # Leases ---------------------------------------------------------------------------------
 
-    def seen(self, node: str, when: float) -> None:
-        self._last_seen[node] = when
+    def seen(self, node: str) -> None:
+        """Renews `node`'s lease."""
+        self._last_seen[node] = self._lease_clock()
         self._called = time.perf_counter()
 
     def forget(self, node: str) -> None:
@@ -250,11 +258,14 @@ class Reconciler:
             self._peer_addresses.pop(node, None)
 
     def is_live(self, node: str) -> bool:
-        return self._last_seen.get(node, 0.0) >= self._clock() - self._settings.lease_seconds
+        seen = self._last_seen.get(node)
+        return seen is not None and seen >= self._lease_clock() - self._settings.lease_seconds
 
     def live_nodes(self) -> set[str]:
-        cutoff = self._clock() - self._settings.lease_seconds
-        return {n for n, seen in self._last_seen.items() if seen >= cutoff}
+        """Nodes whose agent holds a lease. Safe to call from another thread (the metrics
+        scrape): it iterates a copy."""
+        cutoff = self._lease_clock() - self._settings.lease_seconds
+        return {n for n, seen in list(self._last_seen.items()) if seen >= cutoff}
 
     def node_facts(self) -> dict[str, NodeFacts]:
         """What the cluster says about its nodes (empty in local mode)."""

@@ -153,7 +153,7 @@ async def serve(settings: CoordinatorSettings, stop: asyncio.Event) -> None:
     )
     feed = ChangeFeed(reconciler.render_name, settings.watch_queue_size)
     store.listeners.append(feed.publish)
-    metrics.REGISTRY.register(metrics.StateCollector(settings.db_path, settings.lease_seconds))
+    metrics.REGISTRY.register(metrics.StateCollector(settings.db_path, reconciler.live_nodes))
     if settings.metrics_port:
         prometheus_client.start_http_server(
             settings.metrics_port, settings.metrics_address, registry=metrics.REGISTRY

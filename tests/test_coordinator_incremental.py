@@ -464,7 +464,9 @@ class World:
     def fresh(self, hub: DesiredStateHub, events: Events, store: Store | None = None) -> Reconciler:
         store = store or self.store
         labeler = LocalNodeLabeler(store)
-        reconciler = Reconciler(store, labeler, hub, self.settings, self.clock, events=events)
+        reconciler = Reconciler(
+            store, labeler, hub, self.settings, self.clock, events=events, lease_clock=self.clock
+        )
         for node, address in self.addresses.items():
             reconciler.set_peer_address(node, address)
         return reconciler
@@ -483,7 +485,7 @@ class World:
                 node_labels=labels,
             )
         )
-        self.reconciler.seen(node, self.clock())
+        self.reconciler.seen(node)
         # Agents serving peers register their address; a restarted one may change it.
         address = self.rng.choice(["", f"10.0.0.{self.nodes.index(node)}:{self.rng.randrange(3)}"])
         self.reconciler.set_peer_address(node, address)
@@ -503,7 +505,7 @@ class World:
             again = [dataclasses.replace(r, update_time=self.clock()) for r in earlier.values()]
             room = (agent.capacity_bytes, agent.free_bytes, agent.pressure_bytes)
             self.store.record_report(node, self.clock(), *room, again)
-            self.reconciler.seen(node, self.clock())
+            self.reconciler.seen(node)
             return
         reports = []
         for d in desired:
@@ -534,7 +536,7 @@ class World:
                 reports.append(report(stray, state=ReplicaState.FETCHING, revision=0))
         free = self.rng.choice([0, GIB // 2, 10 * GIB, 10 * GIB])
         self.store.record_report(node, self.clock(), 100 * GIB, free, pressure, reports)
-        self.reconciler.seen(node, self.clock())
+        self.reconciler.seen(node)
 
     def step(self) -> None:
         rng, store = self.rng, self.store

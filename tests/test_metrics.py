@@ -58,7 +58,7 @@ def test_agent_metric_names_are_pinned() -> None:
 
 def test_coordinator_metric_names_are_pinned(tmp_path: Path) -> None:
     Store(tmp_path / "db").close()
-    collector = coordinator_metrics.StateCollector(tmp_path / "db", 30)
+    collector = coordinator_metrics.StateCollector(tmp_path / "db", set)
     names = {m.name: m.type for m in coordinator_metrics.REGISTRY.collect()}
     names |= {m.name: m.type for m in collector.collect()}
     assert names == COORDINATOR_METRICS

@@ -146,12 +146,6 @@ def test_clock_skew(chaos: ChaosCluster, bucket: str, sizes: Sizes, record: Scen
     assert record.exposed == 0 and record.lost == 0
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="product bug: leases are judged on the coordinator's wall clock (time.time in "
-    "coordinator/agent_service.py and reconciler.py), so a forward step expires every lease "
-    "at once: all labels removed and all assignments dropped, then restored",
-)
 @pytest.mark.scenario(1, "The coordinator's wall clock steps 1 hour forward (faketime)")
 def test_coordinator_clock_step(
     chaos: ChaosCluster, bucket: str, sizes: Sizes, record: ScenarioRecord, tmp_path: Path
