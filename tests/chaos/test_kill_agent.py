@@ -73,11 +73,6 @@ def disk_state(chaos: ChaosCluster) -> str:
     )
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="failed once inside the full suite on a loaded machine after passing alone "
-    "(scripts/chaos); cause not investigated yet: see the closing note",
-)
 @pytest.mark.scenario(5, "SIGKILL of an agent at every step of a transfer and of publishing")
 def test_agent_killed_at_every_step(
     chaos: ChaosCluster, bucket: str, sizes: Sizes, record: ScenarioRecord
@@ -156,6 +151,12 @@ def test_agent_killed_at_every_step(
                         kill_now()
                 assert seen is not None, f"the agent never reached: {what}"
                 kills.append(f"publishing, right after {what} ({seen}): {disk_state(chaos)}")
+                if (directory / "current").is_symlink():
+                    # Only a rename separates the new link from the switch, and a loaded
+                    # machine can deliver the kill after it: the version is then published,
+                    # which is the last step's state, and a restart has nothing to list.
+                    kills.append("(that kill landed after `current` switched)")
+                    break
 
             # Published before the last kill: the restart must keep it, not fetch it again.
             restarted = time.monotonic()
