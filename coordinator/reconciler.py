@@ -112,6 +112,7 @@ class Reconciler:
         directory: NodeDirectory | None = None,
         demand: tuple[DemandTracker, DemandScaler] | None = None,
         lease_clock: Callable[[], float] = time.monotonic,
+        collector: CollectorHold | None = None,
     ) -> None:
         self._store = store
         self._labeler = labeler
@@ -166,7 +167,7 @@ class Reconciler:
         self._fingerprints: dict[str, tuple[tuple[Any, ...], str]] = {}
         self._breath = 0.0
         self._called = 0.0
-        self._collector = CollectorHold()
+        self._collector = collector or CollectorHold()
         self.stats = PassStats()
         """What the last pass recomputed (logged with its duration; tests read it)."""
         self._loop: asyncio.AbstractEventLoop | None = None

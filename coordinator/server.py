@@ -29,6 +29,7 @@ from coordinator.cluster import (
     NodeDirectory,
     NodeFacts,
 )
+from coordinator.collector import THAW_SECONDS, CollectorHold
 from coordinator.demand_service import DemandScaler, DemandService, DemandTracker
 from coordinator.labelers import LocalNodeLabeler, NodeLabeler
 from coordinator.reconciler import DesiredStateHub, Reconciler
@@ -150,6 +151,7 @@ async def serve(settings: CoordinatorSettings, stop: asyncio.Event) -> None:
         credentials=parts.credentials,
         directory=directory,
         demand=(tracker, scaler),
+        collector=CollectorHold(thaw_seconds=THAW_SECONDS),
     )
     feed = ChangeFeed(reconciler.render_name, settings.watch_queue_size)
     store.listeners.append(feed.publish)

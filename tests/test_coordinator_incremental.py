@@ -10,6 +10,7 @@ import dataclasses
 import gc
 import random
 import sqlite3
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -416,6 +417,38 @@ def test_the_collector_is_held_off_for_a_while_only() -> None:
         hold.release()
         assert not gc.isenabled()
     finally:
+        gc.enable()
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_survivors_are_frozen_and_thawed_for_a_full_collection() -> None:
+    clock = Clock()
+    hold = CollectorHold(hold_seconds=1.0, clock=clock, thaw_seconds=600.0)
+    try:
+        hold.hold()
+        during = _Cycle()
+        gone_with_the_pass = weakref.ref(during)
+        del during
+        kept = _Cycle()
+        frozen = weakref.ref(kept)
+        hold.release()
+        # The pass's garbage cycle is collected, not frozen; the survivor is frozen.
+        assert gone_with_the_pass() is None
+        assert gc.get_freeze_count() > 0
+        del kept
+        gc.collect()
+        assert frozen() is not None, "a frozen cycle waits for the thaw"
+        clock.now += 601
+        hold.hold()
+        hold.release()
+        assert frozen() is None
+        assert gc.get_freeze_count() > 0 and gc.isenabled()
+    finally:
+        gc.unfreeze()
         gc.enable()
 
 
