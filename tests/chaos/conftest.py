@@ -23,10 +23,6 @@ from tests.chaos.report import LONG_ENV, REPORT_ENV, ScenarioRecord, render
 
 # Said in the report under "Not covered here, and why": limits of this suite, not results.
 NOTES = [
-    "Flipped bytes from a peer agent: agents copying from each other is not part of this "
-    "suite yet. A peer scenario is one more test in tests/chaos/test_flips.py: start the "
-    "agents with peer copying, put a `FlipProxy` (or the HTTP `FaultProxy`) between them, and "
-    "call `flip_scenario` as the S3 and NFS tests do.",
     "A flipped byte in the *first* copy of an NFS or file:// dataset cannot be detected: "
     "those sources store no checksum, so the first copy is recorded as `unverified` (size "
     "only) and fixes the version; every later replica is verified against it. The NFS "

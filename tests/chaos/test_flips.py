@@ -1,21 +1,25 @@
-"""Scenario 2: bytes flipped in transit, from S3 and from NFS.
+"""Scenario 2: bytes flipped in transit, from S3, from NFS and from a peer agent.
 
 Each transport gets one test that sets up its flipping path and calls `flip_scenario`, which
 creates the dataset, arms the flips, waits for every replica to be Ready, and checks that the
 flips were injected, detected (checksum failures on the agents), repaired by reading again,
-and never exposed. A peer-to-peer test is one more such function: agents copying from each
-other through a `FlipProxy` (tests/chaos/flipproxy.py) or the HTTP `FaultProxy`.
+and never exposed. The peer test puts the HTTP `FaultProxy` in front of the first replica's
+peer server (the agent advertises the proxy's address), so the later replicas read that
+version from it through flipped answers; it also checks that the flipping peer was blamed.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from urllib.parse import parse_qs, urlencode
 
 import pytest
 
 from agent.errors import SourceError
+from agent.peerserver import FILE_PATH
 from agent.sources import nfs as nfs_module
+from datacache.localcluster import free_port
 from tests.chaos.flipproxy import FlipProxy
 from tests.chaos.harness import (
     BIG_KEY,
@@ -26,6 +30,7 @@ from tests.chaos.harness import (
     S3Origin,
     Sizes,
     generate,
+    wait_for,
 )
 from tests.chaos.report import ScenarioRecord
 from tests.faultproxy import Fault, FaultProxy, Request, Rule
@@ -126,6 +131,124 @@ def test_flipped_bytes_from_s3(
             f"{proxy.counts()['flip']} bytes flipped by the fault proxy: in 4 whole-object GETs "
             f"of small files and in one 1 MiB range of {BIG_KEY}"
         )
+
+
+def peer_flags(chaos: ChaosCluster, node: str, advertise: str | None = None) -> list[str]:
+    """Flags turning peer copying on for `node`: the cluster's key file and a loopback peer
+    server, advertised as `advertise` (host:port other agents dial) or as itself."""
+    port = chaos.local.agent_peer_ports.setdefault(node, free_port())
+    return [
+        f"--peer-key-file={chaos.local.peer_key_file}",
+        f"--peer-port={port}",
+        "--peer-listen-address=127.0.0.1",
+        f"--peer-advertise-address={advertise or f'127.0.0.1:{port}'}",
+    ]
+
+
+def parse_path(target: str) -> str:
+    """The dataset path of a peer read's request target."""
+    query = target.partition("?")[2]
+    return parse_qs(query).get("path", ["?"])[0]
+
+
+@pytest.mark.scenario(2, "Flipped bytes in transit from a peer agent")
+def test_flipped_bytes_from_a_peer(
+    chaos: ChaosCluster, bucket: str, sizes: Sizes, record: ScenarioRecord
+) -> None:
+    files = generate(6, sizes)
+    origin = S3Origin(chaos.local.s3_endpoint, bucket)
+    origin.put_all(files)
+    small = sorted(k for k in files if k != BIG_KEY and len(files[k]) >= 4096)[0]
+    nodes = ["node-1", "node-2", "node-3"]
+
+    def peer_read(key: str) -> Callable[[Request], bool]:
+        # Peer reads are GET /v1/file?dataset=...&version=...&path=<key>, always ranged.
+        query = urlencode({"path": key})
+        return lambda r: r.path.startswith(f"{FILE_PATH}?") and r.path.endswith(query)
+
+    rules = [
+        # A small file is one read: the whole file fails the manifest check, is blamed on its
+        # sender and read again from S3.
+        Rule(Fault("flip", offset=1000), method="GET", when=peer_read(small), limit=1),
+        # One range of the big file: the whole file fails, every range is read again from S3
+        # and the sender of the range that differs is blamed.
+        Rule(
+            Fault("flip", offset=54_321, xor=0x01), method="GET", when=peer_read(BIG_KEY), limit=1
+        ),
+    ]
+    # node-1 copies the first, clean replica from S3 alone (the coordinator may place it on any
+    # agent, so the others start only then). It advertises the proxy in front of its peer
+    # server, so node-2 and node-3 read the version from node-1 through it (and serve each
+    # other directly).
+    node1_port = chaos.local.agent_peer_ports.setdefault("node-1", free_port())
+    with FaultProxy(f"http://127.0.0.1:{node1_port}") as proxy:
+        chaos.start_coordinator()
+        chaos.start_agent("node-1", *peer_flags(chaos, "node-1", f"127.0.0.1:{proxy.port}"))
+        chaos.wait_registered(["node-1"])
+
+        def arm() -> None:
+            assert chaos.ready("data") == {"node-1"}
+            # Later replicas copy from peers only once the first copy fixed the version.
+            wait_for(
+                lambda: bool((d := chaos.dataset("data")) and d.status.version),
+                20,
+                "the first copy to fix the version",
+            )
+            for node in nodes[1:]:
+                chaos.start_agent(node, *peer_flags(chaos, node))
+            chaos.wait_registered(nodes)
+            proxy.set_rules(rules)
+
+        flip_scenario(
+            chaos,
+            record,
+            origin,
+            nodes,
+            arm=arm,
+            injected=lambda: proxy.counts()["flip"],
+            clean_first=True,
+        )
+        injected = proxy.injected
+        requests = proxy.requests
+    receivers = nodes[1:]
+    corrupt = {
+        n: chaos.agent_metric(n, "datacache_agent_peer_fallbacks_total", reason="corrupt")
+        for n in nodes
+    }
+    received = {
+        n: chaos.agent_metric(n, "datacache_agent_peer_received_bytes_total") for n in nodes
+    }
+    served = chaos.agent_metric("node-1", "datacache_agent_peer_served_bytes_total")
+    blamed = {
+        (n, str(line.get("peer")))
+        for n in receivers
+        for line in chaos.agent_log(n)
+        if "(corrupt)" in str(line.get("msg", "")) and "Avoiding peer" in str(line.get("msg", ""))
+    }
+    flipped = sorted({parse_path(i.request.path) for i in injected})
+    record.fault(
+        f"{len(injected)} bytes flipped by the fault proxy in front of node-1's peer server, "
+        f"in its answers to node-2 and node-3 (of {len(requests)} peer reads through it): "
+        f"in {', '.join(flipped)}"
+    )
+    record.observe(
+        "peers left as corrupt: "
+        + ", ".join(f"{n} {corrupt[n]:.0f}" for n in receivers)
+        + "; bytes read from peers: "
+        + ", ".join(f"{n} {received[n]:.0f}" for n in receivers)
+        + f"; node-1 served {served:.0f}; blamed as corrupt (receiver, peer): {sorted(blamed)}"
+    )
+    # Every flip was in a peer read, and the receivers did read from node-1 through the proxy.
+    assert injected and all(
+        i.request.method == "GET" and i.request.path.startswith(f"{FILE_PATH}?") for i in injected
+    )
+    assert all(r.path.startswith(f"{FILE_PATH}?") for r in requests)
+    assert served > 0 and sum(received[n] for n in receivers) > 0
+    # The receivers left node-1 (the only peer whose answers were flipped) as corrupt, and
+    # blamed no other peer; node-1 copied from S3 and blamed nobody.
+    assert sum(corrupt[n] for n in receivers) >= 1
+    assert blamed and {peer for _, peer in blamed} == {"node-1"}
+    assert corrupt["node-1"] == 0
 
 
 @pytest.fixture(scope="module")
