@@ -24,6 +24,10 @@ fsynced. Verification, strongest available first (the method is recorded per fil
 5. the MD5 of a single-part S3 ETag: `md5-etag`;
 6. otherwise the file is recorded as `unverified` (size only), never silently trusted.
 
+A `BatchSource` (peers) reads runs of small files in one request each: the engine groups them
+(`_Engine.groups`) and writes and verifies each file of a batch exactly as a file read alone;
+whatever a batch did not deliver verified is then read one file at a time.
+
 A `RoutedSource` (peers in front of the origin) learns which server sent bytes that failed:
 a file read whole is blamed on its sender and read again from the origin; a file read as
 ranges is read again range by range from the origin, and the senders of the ranges that differ
@@ -72,6 +76,8 @@ from agent.manifest import (
     FileEntry,
 )
 from agent.sources.base import (
+    BatchBody,
+    BatchSource,
     BufferedSource,
     ChecksummedSource,
     ObjectInfo,
@@ -105,7 +111,9 @@ many parts as threads (one thread reads a part, so fewer would leave threads idl
 @dataclass(frozen=True)
 class FetchSettings:
     concurrency: int = 8
-    """Parallel reads (threads). Memory: at most concurrency x 1 MiB of read buffers. Measured on
+    """Parallel reads (threads). Memory: at most concurrency x 1 MiB of read buffers (batched
+    reads of small files from peers stream through the same buffers; each thread adds only
+    its batch's request, at most 64 x 4 KiB of paths: `PeerSettings.batch_files`). Measured on
     2 cores with the server beside the agent (docs/benchmarks.md): 8 threads beat 4, 6, 16 and
     32 on 2,000 small files; on one large file 4-8 threads were mostly ahead of 16."""
     part_bytes: int = 16 * 1024 * 1024
@@ -358,6 +366,7 @@ class _Engine:
         self.source = source
         self.buffered = source if isinstance(source, BufferedSource) else None
         self.routed = source if isinstance(source, RoutedSource) else None
+        self.batch = source if isinstance(source, BatchSource) else None
         self.checksummed = source if isinstance(source, ChecksummedSource) else None
         self.journal = journal
         self.dirs = dirs
@@ -419,24 +428,7 @@ class _Engine:
                 )
             crc_other = checksums.crc_function(other) if other is not None else None
             digest = hashlib.md5(usedforsecurity=False) if md5 else None
-            buf, pos, end = self._buffer(), offset, offset + length
-            crc, crc2 = 0, 0
-            while pos < end:
-                n = body.readinto(buf[: min(_COPY_BUFFER_BYTES, end - pos)])
-                if n == 0:
-                    raise SourceError(f"reading {obj.key!r}: the body ended {end - pos} early")
-                if self.cancel.is_set():
-                    raise FetchCancelled("fetch cancelled")
-                view = buf[:n]
-                written = os.pwrite(fd, view, pos)
-                while written < n:
-                    written += os.pwrite(fd, view[written:], pos + written)
-                crc = checksums.crc64(view, crc)
-                if crc_other is not None:
-                    crc2 = crc_other(view, crc2)
-                if digest is not None:
-                    digest.update(view)
-                pos += n
+            crc, crc2 = self._pump(body, fd, obj, offset, length, crc_other, digest)
         finally:
             body.close()
         if not job.ranged:
@@ -450,6 +442,39 @@ class _Engine:
             ),
             stated,
         )
+
+    def _pump(
+        self,
+        body: BatchBody,
+        fd: int,
+        obj: ObjectInfo,
+        offset: int,
+        length: int,
+        crc_other: checksums.Crc | None = None,
+        digest: hashlib._Hash | None = None,
+    ) -> tuple[int, int]:
+        """Writes the next `length` bytes of `body` into the file at `offset` through this
+        thread's buffer; returns their CRC64/NVME and their CRC by `crc_other` (0 without),
+        and feeds them to the MD5 `digest` when there is one."""
+        buf, pos, end = self._buffer(), offset, offset + length
+        crc, crc2 = 0, 0
+        while pos < end:
+            n = body.readinto(buf[: min(_COPY_BUFFER_BYTES, end - pos)])
+            if n == 0:
+                raise SourceError(f"reading {obj.key!r}: the body ended {end - pos} early")
+            if self.cancel.is_set():
+                raise FetchCancelled("fetch cancelled")
+            view = buf[:n]
+            written = os.pwrite(fd, view, pos)
+            while written < n:
+                written += os.pwrite(fd, view[written:], pos + written)
+            crc = checksums.crc64(view, crc)
+            if crc_other is not None:
+                crc2 = crc_other(view, crc2)
+            if digest is not None:
+                digest.update(view)
+            pos += n
+        return crc, crc2
 
     def _copy_chunks(
         self, fd: int, job: _FileJob, obj: ObjectInfo, offset: int, length: int
@@ -588,6 +613,80 @@ class _Engine:
                 continue
             self.progress.add(nbytes=obj.size)
             return
+
+    def groups(self, jobs: list[_FileJob]) -> list[list[_FileJob]]:
+        """`jobs` in order, with runs of small files that one batch can read grouped (within
+        the source's limits, and no more per group than spreads them over every thread);
+        every other job alone."""
+        if self.batch is None:
+            return [[job] for job in jobs]
+        max_files, max_bytes = self.batch.batch_limits()
+        fits = [
+            not job.ranged and 0 < job.obj.size <= max_bytes and job.path in self.expected
+            for job in jobs
+        ]
+        per = min(max_files, -(-sum(fits) // self.settings.concurrency))
+        out: list[list[_FileJob]] = []
+        group: list[_FileJob] | None = None
+        group_bytes = 0
+        for job, fit in zip(jobs, fits, strict=True):
+            if not fit or per < 2:
+                out.append([job])
+                group = None
+                continue
+            if group is None or len(group) == per or group_bytes + job.obj.size > max_bytes:
+                group, group_bytes = [], 0
+                out.append(group)
+            group.append(job)
+            group_bytes += job.obj.size
+        return out
+
+    def whole_files(self, jobs: list[_FileJob]) -> None:
+        """Small files read through one batch (`BatchSource`), each written, verified and
+        counted exactly as `whole_file` does. The batch is only a first try: the files it did
+        not deliver verified (it failed, was declined, or a file's bytes were wrong) are read
+        one by one with `whole_file`, which fails over, retries and restarts."""
+        for job in self._copy_batch(jobs):
+            self.whole_file(job)
+
+    def _copy_batch(self, jobs: list[_FileJob]) -> list[_FileJob]:
+        """Copies what one batch delivers of `jobs`; returns the jobs left to copy."""
+        assert self.batch is not None
+        if self.cancel.is_set():
+            raise FetchCancelled("fetch cancelled")
+        body = self.batch.open_batch([job.obj for job in jobs])
+        if body is None:
+            return jobs
+        try:
+            for i, job in enumerate(jobs):
+                obj = job.obj
+                job.written = True
+                try:
+                    crc, _ = self._pump(body, job.fd(), obj, 0, obj.size)
+                except SourceError as exc:
+                    log.info(
+                        "A batched read failed; reading its %d remaining files one by one: %s",
+                        len(jobs) - i,
+                        exc,
+                        extra={"object": obj.key},
+                    )
+                    return jobs[i:]
+                job.results = {0: _Digests(crc, obj.size)}
+                try:
+                    self._verify_and_close(job, keep_open_on_error=True)
+                except VerificationError as exc:
+                    # As a file read alone: its sender is blamed and it is read again (from the
+                    # origin, as the source now distrusts it), as are the files after it.
+                    self.progress.count("checksum_failures")
+                    log.info("Retrying %r read in a batch: %s", obj.key, exc)
+                    if self.routed is not None:
+                        self.routed.distrust(obj)
+                        self.routed.blame(obj, 0)
+                    return jobs[i:]
+                self.progress.add(nbytes=obj.size)
+        finally:
+            body.close()
+        return []
 
     def _restart(self, job: _FileJob) -> None:
         assert self.checksummed is not None
@@ -872,8 +971,11 @@ def fetch_into(
         )
         tasks: list[Callable[[], None]] = []
         # Large files first: their ranges spread over every thread while small files fill in.
-        for job in sorted(jobs, key=lambda j: -j.obj.size):
-            if not job.ranged:
+        for group in engine.groups(sorted(jobs, key=lambda j: -j.obj.size)):
+            job = group[0]
+            if len(group) > 1:
+                tasks.append(functools.partial(engine.whole_files, group))
+            elif not job.ranged:
                 tasks.append(functools.partial(engine.whole_file, job))
             elif job.remaining == 0:
                 tasks.append(functools.partial(engine.finish_ranged, job))

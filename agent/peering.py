@@ -3,9 +3,10 @@ belong to the cluster.
 
 Every agent of a cluster reads the same key file (a Kubernetes Secret mounted into the agent
 DaemonSet only). A request to a peer carries `Authorization: DatacachePeer
-<node>:<unix seconds>:<HMAC-SHA256>` over the node, the time, the request target and the
-range, so the key itself never crosses the network and a captured header is good only for the
-same bytes and for `MAX_SKEW_SECONDS`. The file may hold several keys, one per line: the first
+<node>:<unix seconds>:<HMAC-SHA256>` over the node, the time, the request target, the
+range and, for a request with a body (a batch's list of files), the SHA-256 of the body, so the
+key itself never crosses the network and a captured header is good only for the same bytes and
+for `MAX_SKEW_SECONDS`. The file may hold several keys, one per line: the first
 signs, all verify, so keys rotate without a window where agents refuse each other (add the
 new key second everywhere, then first, then drop the old one).
 """
@@ -49,13 +50,19 @@ class PeerSettings:
     node's own pods of disk and network."""
     serve_max_connections: int = 32
     """Most peer requests served at once; more are answered 503 and read elsewhere. Memory:
-    one thread (and no buffer: files are sent with sendfile) per connection."""
+    one thread (and no buffer: files are sent with sendfile) per connection, plus for a batch
+    request its list of paths (at most 64 x 4 KiB = 256 KiB, read before a slot is taken)
+    and up to 64 open file descriptors while it is served."""
     stall_seconds: float = 2.0
     """A peer that sends nothing for this long is left for the next one (or the source)."""
     connect_timeout_seconds: float = 1.0
     """Time to connect to a peer before trying the next one, seconds."""
     min_bytes_per_second: float = 1024 * 1024
     """A peer slower than this over a read (after its first second) is left for the next."""
+    batch_files: int = 64
+    """Most small files asked of a peer in one request (`POST /v1/files`, up to 64 files and
+    16 MiB, what peers accept); 1: one request per file. Memory: the request's list of paths,
+    at most 64 x 4 KiB per copy thread; the bytes stream through the copy's own buffers."""
     avoid_seconds: float = 60.0
     """How long a peer that sent wrong bytes is not asked, seconds; a peer that was gone,
     silent, slow or refused is avoided 2 s, doubling with each failure in a row up to this."""
@@ -98,13 +105,28 @@ class PeerKeys:
                     self._load()
             return self._keys
 
-    def sign(self, node: str, target: str, byte_range: str, now: float | None = None) -> str:
-        """The Authorization header value for a request from `node`."""
+    def sign(
+        self,
+        node: str,
+        target: str,
+        byte_range: str,
+        now: float | None = None,
+        body: bytes | None = None,
+    ) -> str:
+        """The Authorization header value for a request from `node`; `body` is the request's
+        body when it has one."""
         stamp = int(time.time() if now is None else now)
-        mac = _mac(self.keys()[0], node, stamp, target, byte_range)
+        mac = _mac(self.keys()[0], node, stamp, target, byte_range, body)
         return f"{SCHEME} {node}:{stamp}:{mac}"
 
-    def verify(self, header: str, target: str, byte_range: str, now: float | None = None) -> str:
+    def verify(
+        self,
+        header: str,
+        target: str,
+        byte_range: str,
+        now: float | None = None,
+        body: bytes | None = None,
+    ) -> str:
         """The requesting node's name, or raises PermissionError saying what was wrong."""
         scheme, _, credentials = header.partition(" ")
         node, _, rest = credentials.partition(":")
@@ -118,11 +140,18 @@ class PeerKeys:
                 f"(limit {MAX_SKEW_SECONDS}s): check NTP on both nodes"
             )
         for key in self.keys():
-            if hmac.compare_digest(_mac(key, node, int(stamp), target, byte_range), mac):
+            if hmac.compare_digest(_mac(key, node, int(stamp), target, byte_range, body), mac):
                 return node
         raise PermissionError("signature does not match any peer key of this node")
 
 
-def _mac(key: bytes, node: str, stamp: int, target: str, byte_range: str) -> str:
-    message = f"{node}\n{stamp}\n{target}\n{byte_range}".encode()
-    return hmac.new(key, message, hashlib.sha256).hexdigest()
+def _mac(
+    key: bytes, node: str, stamp: int, target: str, byte_range: str, body: bytes | None
+) -> str:
+    message = f"{node}\n{stamp}\n{target}\n{byte_range}"
+    if body is not None:
+        # A fifth line only for requests with a body: what bodiless requests sign is unchanged,
+        # so agents of either release verify each other's, and no header value (it holds no
+        # newline) can make a bodiless request's message equal to one with a body.
+        message += f"\n{hashlib.sha256(body).hexdigest()}"
+    return hmac.new(key, message.encode(), hashlib.sha256).hexdigest()

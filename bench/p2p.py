@@ -15,7 +15,8 @@ are Ready:
 
 Printed per mode (median over rounds): time to all-Ready, bytes read from S3 by the 3 new
 replicas (from the agents' counters: bytes copied minus bytes received from peers) as a
-multiple of the dataset's size, and bytes received from peers. Agents fsync (the default).
+multiple of the dataset's size, bytes received from peers, and the requests the agents' peer
+servers answered (each batch of small files is one). Agents fsync (the default).
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class Run:
     peer_bytes: int
     """Bytes the 3 new replicas received from peers."""
     dataset_bytes: int
+    peer_requests: int = 0
+    """Requests the agents' peer servers answered (a batch of small files is one)."""
 
 
 def upload(client: Any, prefix: str, large: int, small: int) -> int:
@@ -85,6 +88,7 @@ def agent_counters(cluster: LocalCluster, node: str) -> dict[str, float]:
             if sample.name in (
                 "datacache_agent_fetched_bytes_total",
                 "datacache_agent_peer_received_bytes_total",
+                "datacache_agent_peer_requests_total",
             ):
                 out[sample.name] = out.get(sample.name, 0.0) + sample.value
     return out
@@ -148,11 +152,13 @@ def one_run(
         dataset = cluster.get_dataset("bench")
         if len({r.digest for r in dataset.status.replicas}) != 1:
             raise SystemExit("replicas hold different versions")
-        copied = received = 0.0
-        for node in set(NODES) - {first}:
+        copied = received = requests = 0.0
+        for node in NODES:
             counters = agent_counters(cluster, node)
-            copied += counters.get("datacache_agent_fetched_bytes_total", 0.0)
-            received += counters.get("datacache_agent_peer_received_bytes_total", 0.0)
+            requests += counters.get("datacache_agent_peer_requests_total", 0.0)
+            if node != first:
+                copied += counters.get("datacache_agent_fetched_bytes_total", 0.0)
+                received += counters.get("datacache_agent_peer_received_bytes_total", 0.0)
         return Run(
             mode,
             round_no,
@@ -161,13 +167,14 @@ def one_run(
             int(copied - received),
             int(received),
             dataset.status.size_bytes,
+            int(requests),
         )
 
 
 def report(runs: list[Run]) -> str:
     lines = [
         f"{'mode':<12} {'all Ready (s)':>14} {'S3 bytes (x dataset)':>21} "
-        f"{'peer bytes (x dataset)':>23}"
+        f"{'peer bytes (x dataset)':>23} {'peer requests':>14}"
     ]
     medians: dict[str, float] = {}
     for mode in ("origin-only", "peers"):
@@ -178,8 +185,9 @@ def report(runs: list[Run]) -> str:
         grow = statistics.median(r.grow_seconds for r in mine)
         origin = statistics.median(r.origin_bytes for r in mine) / size
         peer = statistics.median(r.peer_bytes for r in mine) / size
+        requests = statistics.median(r.peer_requests for r in mine)
         medians[mode] = grow
-        lines.append(f"{mode:<12} {grow:>14.2f} {origin:>21.2f} {peer:>23.2f}")
+        lines.append(f"{mode:<12} {grow:>14.2f} {origin:>21.2f} {peer:>23.2f} {requests:>14.0f}")
     if len(medians) == 2:
         ratio = medians["origin-only"] / medians["peers"]
         lines.append(f"time to all-Ready, origin-only / peers: {ratio:.2f}")

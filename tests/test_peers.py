@@ -5,6 +5,9 @@ verified against the version's manifest and the fallback counted."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import hmac
 import http.client
 import os
 import random
@@ -12,18 +15,28 @@ import shutil
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
 
-from agent import metrics, versioning
+from agent import metrics, peerserver, versioning
 from agent.fetch import FetchSettings, PlannedFile, Progress, fetch_into, plan
 from agent.manifest import FileEntry, Manifest
 from agent.peering import MAX_SKEW_SECONDS, PeerKeys, PeerSettings
-from agent.peerserver import FILE_PATH, PeerServer, ServedVersion
+from agent.peerserver import (
+    FILE_PATH,
+    FILES_PATH,
+    MAX_BATCH_BODY_BYTES,
+    MAX_BATCH_BYTES,
+    MAX_BATCH_FILES,
+    PeerServer,
+    ServedVersion,
+)
 from agent.replica import Phase
 from agent.runner import Agent
+from agent.scrub import RateLimiter
 from agent.settings import AgentSettings
 from agent.sources.base import ObjectInfo, Source
 from agent.sources.local import LocalDirSource
@@ -31,7 +44,7 @@ from agent.sources.peer import Peer, PeerHealth, PeerSource
 from agent.store import CacheStore
 from coordinator.peers import PeerHolder, choose_peers
 from datacache.validation import InvalidInput, validate_peer_address
-from tests.faultproxy import Fault, FaultProxy, Rule
+from tests.faultproxy import Fault, FaultKind, FaultProxy, Rule
 
 DATASET = "ml/peers"
 MiB = 1024 * 1024
@@ -102,14 +115,17 @@ def serve(
     version: Version | None,
     held: str = "",
     settings: PeerSettings | None = None,
+    served: ServedVersion | None = None,
 ) -> PeerServer:
     """A started peer server on a free loopback port holding `version` as digest `held`
-    (default: its own digest)."""
+    (default: its own digest), as `served` when given."""
 
     def lookup(dataset: str, digest: str) -> ServedVersion | None:
         if version is None or dataset != DATASET:
             return None
-        return version.served() if digest == (held or version.manifest.digest) else None
+        if digest != (held or version.manifest.digest):
+            return None
+        return served or version.served()
 
     base = settings or PeerSettings()
     server = PeerServer(replace(base, port=0, listen_address="127.0.0.1"), keys, lookup)
@@ -131,8 +147,12 @@ def copy_from(
     peers: list[Peer],
     dest: Path,
     settings: PeerSettings = CLIENT,
+    files: list[PlannedFile] | None = None,
+    fetch: FetchSettings = FETCH,
 ) -> list[FileEntry]:
-    """A copy of the version through `PeerSource`, checked like the agent checks it."""
+    """A copy of the version (or of `files` of it) through `PeerSource`, checked like the
+    agent checks it."""
+    files = version.files if files is None else files
     dest.mkdir(parents=True)
     source = PeerSource(
         peers,
@@ -148,9 +168,9 @@ def copy_from(
     try:
         entries = fetch_into(
             source,
-            version.files,
+            files,
             dest,
-            FETCH,
+            fetch,
             Progress(),
             threading.Event(),
             expected=version.expected,
@@ -158,6 +178,7 @@ def copy_from(
     finally:
         source.close()
     versioning.check_copy(entries, version.expected, version.manifest.digest, "origin")
+    assert sorted(e.path for e in entries) == sorted("/".join(f.parts) for f in files)
     for entry in entries:
         assert (dest / entry.path).read_bytes() == (version.origin / entry.path).read_bytes()
     assert {e.verified for e in entries} == {"manifest"}
@@ -182,6 +203,22 @@ def test_signed_requests_verify_and_tampering_is_refused(keys: PeerKeys) -> None
         keys.verify(header, "/v1/file?x", "bytes=0-9", now=1_000_000 + MAX_SKEW_SECONDS + 1)
     with pytest.raises(PermissionError, match="malformed"):
         keys.verify("Bearer abc", "/v1/file?x", "bytes=0-9")
+
+
+def test_a_signature_with_a_body_covers_the_body(keys: PeerKeys) -> None:
+    header = keys.sign("node-1", "/v1/files?x", "", now=1_000_000, body=b"a\0b")
+    assert keys.verify(header, "/v1/files?x", "", now=1_000_000, body=b"a\0b") == "node-1"
+    for other in (b"a\0c", b"a", b"", None):
+        with pytest.raises(PermissionError, match="does not match"):
+            keys.verify(header, "/v1/files?x", "", now=1_000_000, body=other)
+    bodiless = keys.sign("node-1", "/v1/files?x", "", now=1_000_000)
+    with pytest.raises(PermissionError, match="does not match"):
+        keys.verify(bodiless, "/v1/files?x", "", now=1_000_000, body=b"")
+    # What a bodiless request signs is unchanged: agents of the previous release verify it.
+    message = b"node-1\n1000000\n/v1/file?x\nbytes=0-9"
+    mac = hmac.new(keys.keys()[0], message, hashlib.sha256).hexdigest()
+    signed = keys.sign("node-1", "/v1/file?x", "bytes=0-9", now=1_000_000)
+    assert signed == f"DatacachePeer node-1:1000000:{mac}"
 
 
 def test_keys_rotate_without_refusing_peers(tmp_path: Path) -> None:
@@ -273,6 +310,98 @@ def test_the_server_refuses_what_it_must_not_serve(
     assert refused - unauthorized == 2
 
 
+def post(
+    server: PeerServer | FaultProxy,
+    keys: PeerKeys | None,
+    paths: list[str],
+    version: Version,
+    signed: list[str] | None = None,
+    declared: int | None = None,
+) -> tuple[int, bytes]:
+    """A batch request for `paths`, signed for `signed` (default: the same paths), its
+    Content-Length `declared` when given (and the body then left out)."""
+    target = f"{FILES_PATH}?{urlencode({'dataset': DATASET, 'version': version.manifest.digest})}"
+    body = "\0".join(paths).encode()
+    headers = {}
+    if keys is not None:
+        listed = body if signed is None else "\0".join(signed).encode()
+        headers["Authorization"] = keys.sign("node-2", target, "", body=listed)
+    if declared is not None:
+        headers["Content-Length"], body = str(declared), b""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request("POST", target, body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_the_server_sends_a_batch_of_whole_files_back_to_back(
+    version: Version, keys: PeerKeys, servers: list[PeerServer]
+) -> None:
+    server = serve(keys, version)
+    servers.append(server)
+    paths = ["small/f03", "big.bin", "small/empty", "small/f01"]
+    status, body = post(server, keys, paths, version)
+    assert status == 200
+    assert body == b"".join((version.origin / p).read_bytes() for p in paths)
+
+
+def test_a_batch_signature_covers_its_list_of_paths(
+    version: Version, keys: PeerKeys, servers: list[PeerServer]
+) -> None:
+    server = serve(keys, version)
+    servers.append(server)
+    unauthorized = sample("datacache_agent_peer_requests_total", {"result": "unauthorized"})
+    # A signature captured for two files is good for no other list, shorter or longer.
+    signed = ["small/f01", "small/f02"]
+    for tampered in (["small/f01", "small/f03"], ["small/f01"], [*signed, "big.bin"]):
+        status, body = post(server, keys, tampered, version, signed=signed)
+        assert (status, body) == (401, b"signature does not match any peer key of this node\n")
+    assert post(server, None, signed, version)[0] == 401
+    refused = sample("datacache_agent_peer_requests_total", {"result": "unauthorized"})
+    assert refused - unauthorized == 4
+    assert post(server, keys, signed, version)[0] == 200
+
+
+def test_the_server_refuses_batches_beyond_its_limits_or_not_servable_whole(
+    version: Version, keys: PeerKeys, servers: list[PeerServer], tmp_path: Path
+) -> None:
+    # A version whose manifest lists five 4 MiB files: 20 MiB, more than one batch may ask.
+    held = tmp_path / "held"
+    held.mkdir()
+    large = {}
+    for i in range(5):
+        path = f"large{i}"
+        (held / path).touch()
+        os.truncate(held / path, 4 * MiB)  # sparse: only the sizes matter here
+        large[path] = FileEntry(path, 4 * MiB, "", "0" * 16, "manifest")
+    servers.append(serve(keys, version, served=ServedVersion(held, large)))
+    servers.append(serve(keys, version))
+    too_large, server = servers
+    status, body = post(too_large, keys, sorted(large), version)
+    assert status == 400
+    assert f"asks for {20 * MiB} bytes; at most {MAX_BATCH_BYTES}" in body.decode()
+    assert post(too_large, keys, sorted(large)[:4], version)[0] == 200  # 16 MiB: the limit
+    many = [f"small/f{i:02d}" for i in range(MAX_BATCH_FILES + 1)]
+    status, body = post(server, keys, many, version)
+    assert status == 400
+    assert f"asks for {MAX_BATCH_FILES + 1} files; at most {MAX_BATCH_FILES}" in body.decode()
+    status, body = post(server, keys, [], version, declared=MAX_BATCH_BODY_BYTES + 1)
+    assert status == 400
+    assert f"Content-Length of at most {MAX_BATCH_BODY_BYTES}" in body.decode()
+    for bad in (["small/f01", "small/f01"], ["small/f01", ""]):
+        status, body = post(server, keys, bad, version)
+        assert (status, b"distinct, non-empty paths" in body) == (400, True)
+    # One file it must not serve refuses the whole batch before a byte is sent.
+    assert post(server, keys, ["small/f01", "../../etc/passwd"], version)[0] == 404
+    with (version.directory / "small" / "f02").open("ab") as f:
+        f.write(b"x")
+    status, body = post(server, keys, ["small/f01", "small/f02"], version)
+    assert (status, body) == (404, b"small/f02 is not its manifest's size\n")
+
+
 # Copies from peers -----------------------------------------------------------------------------
 
 
@@ -329,7 +458,9 @@ def test_a_peer_that_flips_bytes_is_blamed_and_the_file_read_from_the_origin(
     checksum_failures = sample("datacache_agent_fetch_retries_total", {"reason": "checksum"})
     with FaultProxy(f"http://127.0.0.1:{servers[0].port}", rules) as flipping:
         peers = [peer("flipping", flipping.port), peer("good", servers[1].port)]
-        copy_from(version, keys, peers, tmp_path / "copy")
+        # One request per file here; a byte flipped inside a batch has its own test.
+        one_by_one = replace(CLIENT, batch_files=1)
+        copy_from(version, keys, peers, tmp_path / "copy", one_by_one)
         assert flipping.counts()["flip"] == 1
     # Exactly the peer that flipped is blamed (once), the good one is never.
     assert fallbacks("corrupt") - corrupt == 1
@@ -374,6 +505,199 @@ def test_a_slow_peer_is_left_for_a_faster_one(
     peers = [peer("slow", servers[0].port), peer("fast", servers[1].port)]
     copy_from(version, keys, peers, tmp_path / "copy", replace(CLIENT, min_bytes_per_second=MiB))
     assert fallbacks("slow") - slow >= 1
+
+
+# Batches of small files ----------------------------------------------------------------------
+
+SEQUENTIAL = replace(FETCH, concurrency=1)
+"""One thread: every small file of the version in one batch, its files in size order."""
+
+
+def small_files(version: Version) -> list[PlannedFile]:
+    """The files a copy reads whole, in the order one batch asks them (largest first)."""
+    return sorted((f for f in version.files if 0 < f.obj.size <= MiB), key=lambda f: -f.obj.size)
+
+
+@pytest.mark.parametrize(("batch_files", "batches"), [(64, 4), (3, 10)])
+def test_a_copy_reads_small_files_in_batches(
+    version: Version,
+    keys: PeerKeys,
+    servers: list[PeerServer],
+    tmp_path: Path,
+    batch_files: int,
+    batches: int,
+) -> None:
+    servers.append(serve(keys, version))
+    ok = sample("datacache_agent_peer_requests_total", {"result": "ok"})
+    received = sample("datacache_agent_peer_received_bytes_total")
+    settings = replace(CLIENT, batch_files=batch_files)
+    with FaultProxy(f"http://127.0.0.1:{servers[0].port}") as counting:
+        copy_from(version, keys, [peer("a", counting.port)], tmp_path / "copy", settings)
+        requests = counting.requests
+    # 30 small files: over 4 threads, 4 batches of at most 8 (or 10 of the 3 allowed); the 4
+    # ranges of big.bin one request each; the empty file none.
+    assert len(small_files(version)) == 30
+    assert sorted(r.method for r in requests) == ["GET"] * 4 + ["POST"] * batches
+    assert sample("datacache_agent_peer_requests_total", {"result": "ok"}) - ok == 4 + batches
+    total = version.manifest.total_bytes
+    assert sample("datacache_agent_peer_received_bytes_total") - received == total
+
+
+def test_a_peer_that_flips_a_byte_inside_a_batch_is_blamed_and_the_file_read_from_the_origin(
+    version: Version, keys: PeerKeys, servers: list[PeerServer], tmp_path: Path
+) -> None:
+    servers += [serve(keys, version), serve(keys, version)]
+    small = small_files(version)
+    # Into the second file of the batch, whichever peer serves it.
+    offset = small[0].obj.size + 1000
+    corrupt = fallbacks("corrupt")
+    checksum_failures = sample("datacache_agent_fetch_retries_total", {"reason": "checksum"})
+    from_origin = sample("datacache_agent_peer_origin_bytes_total")
+    with contextlib.ExitStack() as stack:
+        proxies = [
+            stack.enter_context(
+                FaultProxy(
+                    f"http://127.0.0.1:{server.port}",
+                    [Rule(Fault("flip", offset=offset), method="POST", limit=1)],
+                )
+            )
+            for server in servers
+        ]
+        peers = [peer(f"p{i}", proxy.port) for i, proxy in enumerate(proxies)]
+        copy_from(version, keys, peers, tmp_path / "copy", files=small, fetch=SEQUENTIAL)
+        assert sum(p.counts()["flip"] for p in proxies) == 1
+    # The peer that sent it is blamed (once); the file is read from the origin, the files
+    # after it in the batch from the other peer.
+    assert fallbacks("corrupt") - corrupt == 1
+    failures = sample("datacache_agent_fetch_retries_total", {"reason": "checksum"})
+    assert failures - checksum_failures == 1
+    origin_bytes = sample("datacache_agent_peer_origin_bytes_total") - from_origin
+    assert origin_bytes == small[1].obj.size
+
+
+@pytest.mark.parametrize(("kind", "reason"), [("reset", "gone"), ("stall", "stalled")])
+def test_a_peer_that_fails_in_the_middle_of_a_batch_is_left_and_the_rest_read_one_by_one(
+    version: Version,
+    keys: PeerKeys,
+    servers: list[PeerServer],
+    tmp_path: Path,
+    kind: FaultKind,
+    reason: str,
+) -> None:
+    servers += [serve(keys, version), serve(keys, version)]
+    small = small_files(version)
+    # Cut in the middle of the third file (two arrive whole from the batch); the stall comes
+    # after the head, longer than the reader waits (CLIENT.stall_seconds).
+    fault = Fault(kind, after_bytes=small[0].obj.size + small[1].obj.size + 1000, seconds=5.0)
+    left = fallbacks(reason)
+    from_origin = sample("datacache_agent_peer_origin_bytes_total")
+    with contextlib.ExitStack() as stack:
+        proxies = [
+            stack.enter_context(
+                FaultProxy(f"http://127.0.0.1:{server.port}", [Rule(fault, method="POST", limit=1)])
+            )
+            for server in servers
+        ]
+        peers = [peer(f"p{i}", proxy.port) for i, proxy in enumerate(proxies)]
+        copy_from(version, keys, peers, tmp_path / "copy", files=small, fetch=SEQUENTIAL)
+        assert sum(p.counts()[kind] for p in proxies) == 1
+        requests = [r for p in proxies for r in p.requests]
+    assert fallbacks(reason) - left == 1
+    # The files the batch did not complete came one by one from the other peer.
+    complete = 2 if kind == "reset" else 0
+    assert sorted(r.method for r in requests) == ["GET"] * (30 - complete) + ["POST"]
+    assert sample("datacache_agent_peer_origin_bytes_total") == from_origin
+
+
+@pytest.mark.parametrize("change", ["shrinks", "rewritten"])
+def test_a_file_changed_on_the_serving_side_in_the_middle_of_a_batch_is_never_published(
+    version: Version,
+    keys: PeerKeys,
+    servers: list[PeerServer],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    change: str,
+) -> None:
+    small = small_files(version)
+
+    def change_files() -> None:
+        for planned in small:
+            held = version.directory / planned.obj.key
+            data = held.read_bytes()
+            if change == "shrinks":
+                held.write_bytes(data[: len(data) // 2])
+            else:
+                with held.open("r+b") as f:  # in place: the server's open file sees it
+                    f.write(bytes(b ^ 0x55 for b in data))
+
+    class ChangingLimiter(RateLimiter):
+        """Changes the served files once the batch's first file is sent (each small file is
+        one pass through the limiter): after every check of the files, mid-response."""
+
+        takes = 0
+
+        def take(self, nbytes: int, cancel: threading.Event) -> None:
+            ChangingLimiter.takes += 1
+            if ChangingLimiter.takes == 2:
+                change_files()
+            super().take(nbytes, cancel)
+
+    monkeypatch.setattr(peerserver, "RateLimiter", ChangingLimiter)
+    servers.append(serve(keys, version))
+    reason = "gone" if change == "shrinks" else "corrupt"
+    left = fallbacks(reason)
+    from_origin = sample("datacache_agent_peer_origin_bytes_total")
+    # copy_from checks every file against the origin's bytes and the manifest.
+    copy_from(
+        version,
+        keys,
+        [peer("a", servers[0].port)],
+        tmp_path / "copy",
+        files=small,
+        fetch=SEQUENTIAL,
+    )
+    assert ChangingLimiter.takes >= 2
+    assert fallbacks(reason) - left == 1
+    # Every file after the first came from the origin. The first was sent before the change,
+    # but sendfile queues references to the page cache, not copies: a file rewritten in place
+    # before the bytes leave (a loaded machine) changes them too, and the reader's check
+    # sends that file to the origin as well.
+    origin_bytes = sample("datacache_agent_peer_origin_bytes_total") - from_origin
+    after_first = sum(f.obj.size for f in small[1:])
+    assert origin_bytes in (after_first, after_first + small[0].obj.size)
+
+
+@pytest.mark.parametrize("status", [404, 405, 501])
+def test_a_peer_that_takes_no_batches_is_asked_one_file_at_a_time(
+    version: Version,
+    keys: PeerKeys,
+    servers: list[PeerServer],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    status: int,
+) -> None:
+    if status == 501:
+        # An agent of the previous release: http.server answers 501 to a method it lacks.
+        monkeypatch.delattr(peerserver._Handler, "do_POST")
+    else:
+
+        def refuse(handler: BaseHTTPRequestHandler) -> None:
+            handler.send_error(status)
+
+        monkeypatch.setattr(peerserver._Handler, "do_POST", refuse)
+    servers.append(serve(keys, version))
+    refused = fallbacks("refused")
+    from_origin = sample("datacache_agent_peer_origin_bytes_total")
+    with FaultProxy(f"http://127.0.0.1:{servers[0].port}") as older:
+        copy_from(version, keys, [peer("older", older.port)], tmp_path / "copy")
+        requests = older.requests
+    posts = [r for r in requests if r.method == "POST"]
+    # Only the batches already asked when the first answer came; then every small file and
+    # each range of big.bin one by one, all from the peer, which is not avoided.
+    assert 1 <= len(posts) <= FETCH.concurrency
+    assert len(requests) - len(posts) == len(small_files(version)) + 4
+    assert fallbacks("refused") == refused
+    assert sample("datacache_agent_peer_origin_bytes_total") == from_origin
 
 
 # Choosing peers (the coordinator) ------------------------------------------------------------

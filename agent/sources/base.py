@@ -8,7 +8,7 @@ Every implementation passes the same conformance suite (tests/test_sources.py).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -126,4 +126,33 @@ class RoutedSource(Protocol):
     def blame(self, obj: ObjectInfo, offset: int) -> None:
         """The bytes first served for the unit of `obj` at `offset` were wrong: whoever
         served them is avoided (and counted)."""
+        ...
+
+
+class BatchBody(Protocol):
+    """Whole objects' bytes back to back, in the order asked (`BatchSource.open_batch`)."""
+
+    def readinto(self, view: memoryview) -> int:
+        """Fills `view` with the next bytes, never past the end of the current object, so each
+        object is complete when its last byte is returned; 0 after the last object. Raises
+        `SourceError` when the batch failed: the objects not yet complete must be read again
+        one by one."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """A source that can send several whole small objects in one request (peers: one
+    request and one signature each side for up to 64 files). Optional: the engine reads
+    objects one by one from sources without it, and from this one whenever it declines."""
+
+    def batch_limits(self) -> tuple[int, int]:
+        """Most objects and most bytes (their sizes together) one batch may ask for."""
+        ...
+
+    def open_batch(self, objs: Sequence[ObjectInfo]) -> BatchBody | None:
+        """The bytes of `objs` (each at least 1 byte, within `batch_limits`), or None when no
+        server will send them together now: then read them one by one."""
         ...

@@ -14,15 +14,24 @@ comes from the next server and the engine does not notice. The peer is then avoi
 copy of this agent for `avoid_seconds`, and the reason is counted
 (`datacache_agent_peer_fallbacks_total`).
 
-Wrong bytes are found per file. For a file read whole, the peer that sent it is blamed. For a
-file read as ranges, the engine reads every range again from the origin and the peers whose
-ranges differ are blamed (`RoutedSource`).
+Small files are read in batches (`BatchSource`): up to `batch_files` whole files from one peer
+in one request (`POST /v1/files`), which pays the per-request cost (HTTP on both sides, an
+HMAC each side) once per batch instead of once per file. A batch is only a first try: when it
+fails (the peer is gone, stalls, is slow, refuses) the peer is avoided as above and the
+engine reads the files the batch did not complete one by one, which fails over as above. A
+peer that does not take batches (an agent of an older release answers 501; 400, 404 or 405
+mean the same) is asked one file at a time for the rest of the copy, and not avoided for it.
+
+Wrong bytes are found per file. For a file read whole (alone or in a batch), the peer that sent
+it is blamed. For a file read as ranges, the engine reads every range again from the origin
+and the peers whose ranges differ are blamed (`RoutedSource`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import http.client
+import itertools
 import logging
 import socket
 import threading
@@ -31,14 +40,16 @@ import weakref
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 from urllib.parse import urlencode
 
 from agent import metrics
 from agent.checksums import ObjectChecksum
 from agent.errors import SourceError
 from agent.peering import PeerKeys, PeerSettings
-from agent.peerserver import FILE_PATH
+from agent.peerserver import FILE_PATH, FILES_PATH, MAX_BATCH_BYTES, MAX_BATCH_FILES
 from agent.sources.base import (
+    BatchBody,
     BufferedSource,
     ObjectFacts,
     ObjectInfo,
@@ -53,6 +64,11 @@ log = logging.getLogger(__name__)
 _SLOW_GRACE_SECONDS = 1.0
 _FIRST_AVOID_SECONDS = 2.0
 _ERROR_BODY_LIMIT = 4096
+_NO_BATCH_STATUSES = frozenset({400, 404, 405, 501})
+"""Answers to a batch request after which the peer is asked one file at a time: 501 and 405
+from a server without the endpoint (an older agent), 404 from one that knows no such path
+(or, from a current agent, a file not Ready there: the per-file reads then find that out and
+avoid the peer), 400 from one whose limits are lower than this agent's."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +139,10 @@ class _PeerFailed(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
         self.reason = reason
+
+
+class _NoBatches(Exception):
+    """The peer does not take this batch request; ask it one file at a time."""
 
 
 class _EmptyBody:
@@ -260,6 +280,77 @@ class _FailoverBody:
             self._origin = None
 
 
+class _BatchBody:
+    """Whole files from one peer in one response, back to back. Ends at the first failure
+    (nothing fails over in the middle of a batch): the engine reads the files not yet complete
+    one by one."""
+
+    def __init__(
+        self,
+        source: PeerSource,
+        peer: Peer,
+        response: http.client.HTTPResponse,
+        objs: Sequence[ObjectInfo],
+    ) -> None:
+        self._source = source
+        self._peer = peer
+        self._response: http.client.HTTPResponse | None = response
+        self._objs = objs
+        self._ends = list(itertools.accumulate(o.size for o in objs))
+        self._done = 0
+        """Files complete."""
+        self._pos = 0
+        self._waited = 0.0
+        """Seconds spent waiting for the peer's bytes. The engine writes, verifies and fsyncs
+        each file between reads: that time is this node's, not the peer's."""
+
+    def readinto(self, view: memoryview) -> int:
+        if self._done == len(self._objs):
+            return 0
+        if self._response is None:
+            raise SourceError(f"the batch from peer {self._peer.node} failed already")
+        # Slowness is judged before a read, never after one: the bytes returned always stand,
+        # so a file whose last byte arrived is complete.
+        waited, floor = self._waited, self._source.settings.min_bytes_per_second
+        if waited > _SLOW_GRACE_SECONDS and self._pos / waited < floor:
+            self._fail("slow", f"{self._pos / waited / 1e6:.2f} MB/s")
+        want = min(len(view), self._ends[self._done] - self._pos)
+        started = time.monotonic()
+        try:
+            n = self._response.readinto(view[:want])
+            self._waited += time.monotonic() - started
+        except TimeoutError:
+            self._fail("stalled", f"nothing received for {self._source.settings.stall_seconds}s")
+        except (OSError, http.client.HTTPException) as exc:
+            self._fail("gone", f"{type(exc).__name__}: {exc}")
+        if n == 0:
+            self._fail("gone", "the body ended early")
+        self._pos += n
+        metrics.PEER_RECEIVED_BYTES.inc(n)
+        if self._pos == self._ends[self._done]:
+            # This peer sent the whole file: if it fails verification, the peer is to blame.
+            self._source.served(self._objs[self._done], 0, self._peer)
+            self._done += 1
+        return n
+
+    def _fail(self, reason: str, detail: str) -> NoReturn:
+        self._source.avoid(self._peer, reason, detail)
+        self.close()
+        raise SourceError(
+            f"batch of {len(self._objs)} files from peer {self._peer.node} ended after "
+            f"{self._done} ({reason}): {detail}"
+        )
+
+    def close(self) -> None:
+        if self._response is None:
+            return
+        if self._done < len(self._objs):
+            self._source.drop_connection(self._peer)  # unread body: the connection goes
+        with contextlib.suppress(Exception):
+            self._response.close()
+        self._response = None
+
+
 class PeerSource:
     """Reads one fixed version of a dataset from peers, falling back to `origin`."""
 
@@ -287,6 +378,8 @@ class PeerSource:
         self._lock = threading.Lock()
         self._served: dict[str, dict[int, set[Peer]]] = {}
         self._suspects: dict[str, dict[int, set[Peer]]] = {}
+        self._solo: set[str] = set()
+        """Addresses of the peers asked one file at a time (they take no batches)."""
         self._local = threading.local()
         self._connections: list[http.client.HTTPConnection] = []
         # Worker threads end with the copy, their connections with the source.
@@ -359,6 +452,37 @@ class PeerSource:
             "Range": byte_range,
             "Authorization": self._keys.sign(self._node, target, byte_range),
         }
+        response = self._exchange(peer, "GET", target, headers, None)
+        if response.status != 206:
+            raise self._refused(peer, response)
+        if response.length != length:
+            self.drop_connection(peer)
+            raise _PeerFailed("refused", f"answered {response.length} bytes, not {length}")
+        return response
+
+    def request_batch(self, peer: Peer, objs: Sequence[ObjectInfo]) -> http.client.HTTPResponse:
+        target = f"{FILES_PATH}?" + urlencode({"dataset": self._dataset, "version": self._version})
+        # No key holds a NUL (agent.keys refuses them): the list needs no other framing.
+        body = b"\0".join(o.key.encode("utf-8", "surrogatepass") for o in objs)
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "Authorization": self._keys.sign(self._node, target, "", body=body),
+        }
+        response = self._exchange(peer, "POST", target, headers, body)
+        if response.status in _NO_BATCH_STATUSES:
+            raise _NoBatches(str(self._refused(peer, response)))
+        if response.status != 200:
+            raise self._refused(peer, response)
+        length = sum(o.size for o in objs)
+        if response.length != length:
+            self.drop_connection(peer)
+            raise _PeerFailed("refused", f"answered {response.length} bytes, not {length}")
+        return response
+
+    def _exchange(
+        self, peer: Peer, method: str, target: str, headers: dict[str, str], body: bytes | None
+    ) -> http.client.HTTPResponse:
+        """Sends a request on this thread's connection to `peer`; its response's head."""
         for attempt in (1, 2):
             conn = self._connection(peer)
             reused = conn.sock is not None
@@ -368,8 +492,8 @@ class PeerSource:
                 sock: socket.socket = conn.sock
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.settimeout(self.settings.stall_seconds)
-                conn.request("GET", target, headers=headers)
-                response = conn.getresponse()
+                conn.request(method, target, body=body, headers=headers)
+                return conn.getresponse()
             except TimeoutError as exc:
                 self.drop_connection(peer)
                 raise _PeerFailed("stalled", "no connection or answer in time") from exc
@@ -378,21 +502,54 @@ class PeerSource:
                 if reused and attempt == 1:
                     continue  # an idle kept-alive connection the peer had closed
                 raise _PeerFailed("gone", f"{type(exc).__name__}: {exc}") from exc
-            break
-        if response.status != 206:
+        raise AssertionError("unreachable: the second attempt returns or raises")
+
+    def _refused(self, peer: Peer, response: http.client.HTTPResponse) -> _PeerFailed:
+        """The failure an error answer stands for (the connection is dropped)."""
+        try:
             detail = response.read(_ERROR_BODY_LIMIT).decode("utf-8", "replace").strip()
-            self.drop_connection(peer)
-            raise _PeerFailed("refused", f"HTTP {response.status}: {detail[:200]}")
-        if response.length != length:
-            self.drop_connection(peer)
-            raise _PeerFailed("refused", f"answered {response.length} bytes, not {length}")
-        return response
+        except (OSError, http.client.HTTPException) as exc:
+            detail = f"(the body failed: {exc})"
+        self.drop_connection(peer)
+        return _PeerFailed("refused", f"HTTP {response.status}: {detail[:200]}")
 
     def open_origin(self, obj: ObjectInfo, offset: int, length: int) -> RangeBody:
         origin = self._origin
         if isinstance(origin, BufferedSource):
             return origin.open_range(obj, offset, length)
         return _ChunkBody(iter(origin.read_range(obj, offset, length)))
+
+    # The BatchSource interface ---------------------------------------------------------------
+
+    def batch_limits(self) -> tuple[int, int]:
+        return min(self.settings.batch_files, MAX_BATCH_FILES), MAX_BATCH_BYTES
+
+    def open_batch(self, objs: Sequence[ObjectInfo]) -> BatchBody | None:
+        if not objs:
+            return None
+        with self._lock:
+            if any(o.key in self._suspects for o in objs):
+                return None
+        for peer in self.candidates(objs[0], 0):
+            if peer.address in self._solo:
+                continue
+            try:
+                response = self.request_batch(peer, objs)
+            except _NoBatches as exc:
+                with self._lock:
+                    self._solo.add(peer.address)
+                log.info(
+                    "Peer %s takes no batch requests (%s): asking it one file at a time",
+                    peer.node,
+                    exc,
+                    extra={"peer": peer.node, "dataset": self._dataset},
+                )
+                continue
+            except _PeerFailed as failed:
+                self.avoid(peer, failed.reason, str(failed))
+                continue
+            return _BatchBody(self, peer, response, objs)
+        return None
 
     # The BufferedSource interface ------------------------------------------------------------
 
