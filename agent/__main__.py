@@ -23,7 +23,7 @@ import click
 from agent.errors import AgentError
 from agent.fetch import FetchSettings, Progress, fetch_into, plan
 from agent.manifest import Manifest
-from agent.peering import PeerKeys, PeerSettings
+from agent.peering import MAX_BATCH_FILES, PeerKeys, PeerSettings
 from agent.settings import AgentSettings, TlsSettings
 from agent.sources import SourceOpener
 from agent.sources.nfs import NfsSettings
@@ -172,6 +172,12 @@ def peer_options(fn: F) -> F:
             help="How long a peer that sent wrong bytes is not asked (s); other failures: "
             "2 s, doubling up to this.",
         ),
+        option(
+            "peer-batch-files",
+            type=click.IntRange(1, MAX_BATCH_FILES),
+            default=_PEER.batch_files,
+            help="Most small files asked of a peer in one request (1: one request per file).",
+        ),
     ]
     for decorate in reversed(decorators):
         fn = decorate(fn)
@@ -195,6 +201,7 @@ def _peer_settings(kwargs: dict[str, Any]) -> PeerSettings:
         stall_seconds=kwargs["peer_stall_seconds"],
         min_bytes_per_second=kwargs["peer_min_bytes_per_second"],
         avoid_seconds=kwargs["peer_avoid_seconds"],
+        batch_files=kwargs["peer_batch_files"],
     )
 
 

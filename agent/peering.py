@@ -31,6 +31,10 @@ _RELOAD_SECONDS = 10.0
 _MIN_KEY_BYTES = 16
 
 
+MAX_BATCH_FILES = 64
+"""Most files one batch request (`POST /v1/files`) may ask for; peers refuse more."""
+
+
 @dataclass(frozen=True)
 class PeerSettings:
     """How this agent serves its Ready copies to other agents and copies from them."""

@@ -50,15 +50,13 @@ from agent import metrics
 from agent.errors import FetchCancelled
 from agent.keys import MAX_PATH_BYTES
 from agent.manifest import FileEntry
-from agent.peering import PeerKeys, PeerSettings
+from agent.peering import MAX_BATCH_FILES, PeerKeys, PeerSettings
 from agent.scrub import RateLimiter
 
 log = logging.getLogger(__name__)
 
 FILE_PATH = "/v1/file"
 FILES_PATH = "/v1/files"
-MAX_BATCH_FILES = 64
-"""Most files one batch request may ask for."""
 MAX_BATCH_BYTES = 16 * 1024 * 1024
 """Most bytes (the files' manifest sizes together) one batch request may ask for."""
 MAX_BATCH_BODY_BYTES = MAX_BATCH_FILES * (MAX_PATH_BYTES + 1)

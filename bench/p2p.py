@@ -1,7 +1,7 @@
 """Peer-copying benchmark: a dataset grown from 1 to 4 replicas, with and without peers.
 
     python bench/p2p.py [--quick] [--rounds N] [--workdir DIR] [--json FILE]
-                        [--peer-serve-bytes-per-second N]
+                        [--peer-serve-bytes-per-second N] [--peer-batch-files N]
 
 One SeaweedFS (S3) server holds one dataset: a 1 GiB object (256 MiB with --quick) and 2,000
 objects of 20,000-200,000 bytes (500 with --quick). For each mode and round a fresh local
@@ -121,6 +121,7 @@ def one_run(
             cluster.start_agent(
                 node,
                 f"--peer-serve-bytes-per-second={args.peer_serve_bytes_per_second}",
+                f"--peer-batch-files={args.peer_batch_files}",
                 peers=peers,
             )
         wait_until(
@@ -206,6 +207,12 @@ def main() -> None:
         default=256 * MIB,
         help="each agent's peer serving limit (the agent's default: 256 MiB/s)",
     )
+    parser.add_argument(
+        "--peer-batch-files",
+        type=int,
+        default=64,
+        help="small files per peer request (the agent's default: 64; 1: one request per file)",
+    )
     args = parser.parse_args()
     large, small = (256 * MIB, 500) if args.quick else (1024 * MIB, 2000)
     base = args.workdir or Path(tempfile.mkdtemp(prefix="datacache-p2p-"))
@@ -224,7 +231,8 @@ def main() -> None:
                 print(json.dumps(asdict(run)), file=sys.stderr)
     print(
         f"# {platform.node()} {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"{args.rounds} rounds, peer serve limit {args.peer_serve_bytes_per_second} B/s"
+        f"{args.rounds} rounds, peer serve limit {args.peer_serve_bytes_per_second} B/s, "
+        f"{args.peer_batch_files} files per peer request"
     )
     print(report(runs))
     if args.json is not None:

@@ -11,8 +11,8 @@ fault:
 - ``flip``: XOR the body byte at `offset` with `xor` (same length, wrong content);
 - ``slowdown``: answer 503 with S3's SlowDown XML error without asking the server;
 - ``latency``: wait `seconds` before the response;
-- ``stall``: send the headers, then nothing for `seconds`, then the rest of the body (if the
-  client is still there).
+- ``stall``: send the headers, then nothing for `seconds` (or until `release_stalls()`), then
+  the rest of the body (if the client is still there).
 
 Rules match on method, a substring of the path, the presence of a `Range` header, the request's
 number and any extra predicate, and can be limited to their first N matches so retries succeed.
@@ -274,6 +274,8 @@ class FaultProxy:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._links: set[_Link] = set()
         self._stopping: asyncio.Event | None = None
+        self._release: asyncio.Event | None = None
+        """Set (and replaced) by `release_stalls()`: ends the stalls in progress."""
         self.port = 0
 
     # Public ---------------------------------------------------------------------------------
@@ -303,6 +305,24 @@ class FaultProxy:
         with self._lock:
             return Counter(i.fault.kind for i in self._injected)
 
+    def release_stalls(self) -> None:
+        """Ends every stall in progress now: their bodies follow at once. Stalls that start
+        later are not affected. Returns once the stalls were told."""
+        loop = self._loop
+        if loop is None:
+            raise ProxyError("the fault proxy is not running")
+        told = threading.Event()
+
+        def release() -> None:
+            if self._release is not None:
+                self._release.set()
+            self._release = asyncio.Event()
+            told.set()
+
+        loop.call_soon_threadsafe(release)
+        if not told.wait(_STOP_TIMEOUT):
+            raise ProxyError("the fault proxy's loop did not answer")
+
     def start(self) -> FaultProxy:
         loop = asyncio.new_event_loop()
         started = threading.Event()
@@ -312,6 +332,7 @@ class FaultProxy:
             asyncio.set_event_loop(loop)
             try:
                 self._stopping = asyncio.Event()
+                self._release = asyncio.Event()
                 self._server = loop.run_until_complete(
                     asyncio.start_server(self._serve_client, "127.0.0.1", 0, limit=_HEADER_LIMIT)
                 )
@@ -411,11 +432,17 @@ class FaultProxy:
         with self._lock:
             self._injected.append(Injected(request, fault))
 
-    async def _pause(self, seconds: float) -> None:
-        """Waits `seconds`, or less if the proxy is stopping."""
+    async def _pause(self, seconds: float, release: asyncio.Event | None = None) -> None:
+        """Waits `seconds`, or less if the proxy is stopping or `release` is set."""
         assert self._stopping is not None
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+        waits = [asyncio.ensure_future(self._stopping.wait())]
+        if release is not None:
+            waits.append(asyncio.ensure_future(release.wait()))
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
 
     async def _serve_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -499,8 +526,9 @@ class FaultProxy:
         writer.write(response.encode())
         await writer.drain()
         if fault is not None and kind == "stall":
+            release = self._release
             self._record(request, fault)
-            await self._pause(fault.seconds)
+            await self._pause(fault.seconds, release)
 
         sent = 0
         async for piece in _body(up_reader, response, bodiless):

@@ -253,6 +253,39 @@ def test_proxy_stop_cuts_a_stalled_response(echo_server: str) -> None:
     assert len(outcome) == 1 and isinstance(outcome[0], http.client.IncompleteRead | OSError)
 
 
+def test_released_stalls_send_their_bodies_and_later_stalls_still_stall(echo_server: str) -> None:
+    with FaultProxy(echo_server, [Rule(Fault("stall", seconds=60))]) as proxy:
+        bodies: list[BaseException | bytes] = []
+
+        def client() -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
+            try:
+                conn.request("GET", "/data")
+                bodies.append(conn.getresponse().read())
+            except (OSError, http.client.HTTPException) as exc:
+                bodies.append(exc)
+            finally:
+                conn.close()
+
+        first = threading.Thread(target=client)
+        first.start()
+        wait_until(lambda: proxy.counts()["stall"] == 1, 10, "the first stall to begin", 0.02)
+        proxy.release_stalls()
+        first.join(10)
+        assert bodies == [bytes(range(256)) * 400]
+
+        second = threading.Thread(target=client)
+        second.start()
+        try:
+            wait_until(lambda: proxy.counts()["stall"] == 2, 10, "the second stall to begin", 0.02)
+            second.join(0.5)  # a stall that began after the release is still held
+            assert second.is_alive() and len(bodies) == 1
+        finally:
+            proxy.release_stalls()
+            second.join(10)
+        assert bodies == [bytes(range(256)) * 400] * 2
+
+
 # Resets and short bodies ---------------------------------------------------------------------
 
 

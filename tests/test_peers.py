@@ -24,13 +24,12 @@ import pytest
 from agent import metrics, peerserver, versioning
 from agent.fetch import FetchSettings, PlannedFile, Progress, fetch_into, plan
 from agent.manifest import FileEntry, Manifest
-from agent.peering import MAX_SKEW_SECONDS, PeerKeys, PeerSettings
+from agent.peering import MAX_BATCH_FILES, MAX_SKEW_SECONDS, PeerKeys, PeerSettings
 from agent.peerserver import (
     FILE_PATH,
     FILES_PATH,
     MAX_BATCH_BODY_BYTES,
     MAX_BATCH_BYTES,
-    MAX_BATCH_FILES,
     PeerServer,
     ServedVersion,
 )

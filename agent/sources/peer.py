@@ -46,8 +46,8 @@ from urllib.parse import urlencode
 from agent import metrics
 from agent.checksums import ObjectChecksum
 from agent.errors import SourceError
-from agent.peering import PeerKeys, PeerSettings
-from agent.peerserver import FILE_PATH, FILES_PATH, MAX_BATCH_BYTES, MAX_BATCH_FILES
+from agent.peering import MAX_BATCH_FILES, PeerKeys, PeerSettings
+from agent.peerserver import FILE_PATH, FILES_PATH, MAX_BATCH_BYTES
 from agent.sources.base import (
     BatchBody,
     BufferedSource,

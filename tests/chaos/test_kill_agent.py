@@ -133,12 +133,12 @@ def test_agent_killed_at_every_step(
             kill_now()
             kills.append(f"mid-copy, resumed copy's last range in flight: {disk_state(chaos)}")
 
-            # P1-P5: the steps of publishing. Each listing is held 1.5 s so the watch on the
-            # dataset directory is in place before the copy reaches publishing.
+            # P1-P5: the steps of publishing. Each listing is held at the proxy until the watch
+            # on the dataset directory is in place, so the copy cannot publish before it.
             directory = chaos.dataset_dir(NODE, "data")
             for what, wanted in PUBLISH_STEPS:
                 proxy.set_rules(
-                    [Rule(Fault("stall", seconds=1.5), method="GET", path_contains="list-type=2")]
+                    [Rule(Fault("stall", seconds=60), method="GET", path_contains="list-type=2")]
                 )
                 listings = stalls()
                 start()
@@ -146,6 +146,8 @@ def test_agent_killed_at_every_step(
                 directory.mkdir(parents=True, exist_ok=True)
                 with Inotify() as inotify:
                     inotify.watch(directory)
+                    proxy.set_rules([])
+                    proxy.release_stalls()
                     seen = inotify.wait(wanted, 60)
                     if seen is not None:
                         kill_now()
