@@ -123,6 +123,11 @@ class NfsServer:
         self._rpcbind: subprocess.Popen[bytes] | None = None
         self._ganesha: subprocess.Popen[bytes] | None = None
 
+    @property
+    def ganesha_pid(self) -> int | None:
+        """The NFS server's process id while it runs (benchmarks read its CPU time)."""
+        return self._ganesha.pid if self._ganesha is not None else None
+
     def uri(self, path: str = "") -> str:
         """nfs:// URI of `path` (relative to the exported directory)."""
         return f"nfs://{self.address}{PSEUDO_ROOT}/{path}"

@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, urlencode
 import pytest
 
 from agent.errors import SourceError
-from agent.peerserver import FILE_PATH
+from agent.peerserver import FILE_PATH, FILES_PATH
 from agent.sources import nfs as nfs_module
 from datacache.localcluster import free_port
 from tests.chaos.flipproxy import FlipProxy
@@ -145,10 +145,20 @@ def peer_flags(chaos: ChaosCluster, node: str, advertise: str | None = None) -> 
     ]
 
 
-def parse_path(target: str) -> str:
-    """The dataset path of a peer read's request target."""
-    query = target.partition("?")[2]
+def parse_path(request: Request) -> str:
+    """What a peer read asked for: the dataset path of a file read, or a batch's first file."""
+    if request.path.startswith(f"{FILES_PATH}?"):
+        return "the first file of a batch of small files"
+    query = request.path.partition("?")[2]
     return parse_qs(query).get("path", ["?"])[0]
+
+
+def is_peer_read(request: Request) -> bool:
+    """A file (or range) read, GET /v1/file, or a batch of small files, POST /v1/files."""
+    return (request.method, request.path.partition("?")[0]) in (
+        ("GET", FILE_PATH),
+        ("POST", FILES_PATH),
+    )
 
 
 @pytest.mark.scenario(2, "Flipped bytes in transit from a peer agent")
@@ -158,7 +168,6 @@ def test_flipped_bytes_from_a_peer(
     files = generate(6, sizes)
     origin = S3Origin(chaos.local.s3_endpoint, bucket)
     origin.put_all(files)
-    small = sorted(k for k in files if k != BIG_KEY and len(files[k]) >= 4096)[0]
     nodes = ["node-1", "node-2", "node-3"]
 
     def peer_read(key: str) -> Callable[[Request], bool]:
@@ -166,10 +175,15 @@ def test_flipped_bytes_from_a_peer(
         query = urlencode({"path": key})
         return lambda r: r.path.startswith(f"{FILE_PATH}?") and r.path.endswith(query)
 
+    def batch_read(r: Request) -> bool:
+        # Small files are read in batches: POST /v1/files?dataset=...&version=..., their paths
+        # in the body, their bytes back to back in the answer.
+        return r.path.startswith(f"{FILES_PATH}?")
+
     rules = [
-        # A small file is one read: the whole file fails the manifest check, is blamed on its
-        # sender and read again from S3.
-        Rule(Fault("flip", offset=1000), method="GET", when=peer_read(small), limit=1),
+        # The first byte of a batch is its first file's: that file fails the manifest check, is
+        # blamed on its sender and read again from S3, as are the batch's files after it.
+        Rule(Fault("flip", offset=0), method="POST", when=batch_read, limit=1),
         # One range of the big file: the whole file fails, every range is read again from S3
         # and the sender of the range that differs is blamed.
         Rule(
@@ -225,10 +239,12 @@ def test_flipped_bytes_from_a_peer(
         for line in chaos.agent_log(n)
         if "(corrupt)" in str(line.get("msg", "")) and "Avoiding peer" in str(line.get("msg", ""))
     }
-    flipped = sorted({parse_path(i.request.path) for i in injected})
+    flipped = sorted({parse_path(i.request) for i in injected})
+    batches = sum(1 for r in requests if r.method == "POST")
     record.fault(
         f"{len(injected)} bytes flipped by the fault proxy in front of node-1's peer server, "
-        f"in its answers to node-2 and node-3 (of {len(requests)} peer reads through it): "
+        f"in its answers to node-2 and node-3 (of {len(requests)} peer reads through it, "
+        f"{batches} of them batches of small files): "
         f"in {', '.join(flipped)}"
     )
     record.observe(
@@ -239,10 +255,8 @@ def test_flipped_bytes_from_a_peer(
         + f"; node-1 served {served:.0f}; blamed as corrupt (receiver, peer): {sorted(blamed)}"
     )
     # Every flip was in a peer read, and the receivers did read from node-1 through the proxy.
-    assert injected and all(
-        i.request.method == "GET" and i.request.path.startswith(f"{FILE_PATH}?") for i in injected
-    )
-    assert all(r.path.startswith(f"{FILE_PATH}?") for r in requests)
+    assert injected and all(is_peer_read(i.request) for i in injected)
+    assert all(is_peer_read(r) for r in requests) and batches >= 1
     assert served > 0 and sum(received[n] for n in receivers) > 0
     # The receivers left node-1 (the only peer whose answers were flipped) as corrupt, and
     # blamed no other peer; node-1 copied from S3 and blamed nobody.
