@@ -7,7 +7,7 @@ the upload's parts. Units run on `concurrency` threads. Each unit computes the C
 its bytes as they arrive, and whatever else verification needs (the CRC the source states,
 or the MD5 of a part); a file's CRCs are the combination of its units' (no second pass).
 
-Sources that implement `BufferedSource` (the S3 fast path) are read with `readinto` into one
+Sources that implement `StreamingSource` (S3, NFS, peers) are read with `readinto` into one
 reused 256 KiB buffer per thread, written with one `pwrite` per buffer; others hand out chunks
 of at most `READ_CHUNK_BYTES` (1 MiB). Either way the engine's buffers stay below
 `concurrency x 1 MiB` (8 MiB by default) whatever the file sizes.
@@ -84,6 +84,7 @@ from agent.sources.base import (
     PartLayout,
     RoutedSource,
     Source,
+    StreamingSource,
 )
 
 log = logging.getLogger(__name__)
@@ -365,6 +366,7 @@ class _Engine:
     ) -> None:
         self.source = source
         self.buffered = source if isinstance(source, BufferedSource) else None
+        self.streaming = source if isinstance(source, StreamingSource) else None
         self.routed = source if isinstance(source, RoutedSource) else None
         self.batch = source if isinstance(source, BatchSource) else None
         self.checksummed = source if isinstance(source, ChecksummedSource) else None
@@ -412,9 +414,9 @@ class _Engine:
         """Copies one unit into the file, computing its digests as the bytes arrive. Returns
         them and, for a whole-object read from a buffered source, the checksum it stated."""
         fd = job.fd()
-        if self.buffered is None:
+        if self.streaming is None:
             return self._copy_chunks(fd, job, obj, offset, length), None
-        body = self.buffered.open_range(obj, offset, length)
+        body = self.streaming.open_range(obj, offset, length)
         try:
             stated = body.checksum
             other, md5 = job.other, job.md5

@@ -21,6 +21,7 @@ from agent.errors import SourceChanged, SourceError
 from agent.fetch import FetchSettings, Progress, fetch_into, plan
 from agent.sources import READ_CHUNK_BYTES, ObjectInfo, Source, SourceOpener
 from agent.sources import nfs as nfs_module
+from agent.sources.base import StreamingSource
 from agent.sources.local import LocalDirSource
 from agent.sources.nfs import NfsSettings, NfsSource
 from agent.sources.s3 import S3ObjectSource, S3Settings, s3_client
@@ -194,9 +195,30 @@ def fs_backend(
 
 
 def read(source: Source, obj: ObjectInfo, offset: int, length: int) -> bytes:
+    """The range through `read_range`, and through `open_range` too for a streaming source,
+    which must give the same bytes."""
     chunks = list(source.read_range(obj, offset, length))
     assert all(0 < len(c) <= READ_CHUNK_BYTES for c in chunks)
-    return b"".join(chunks)
+    data = b"".join(chunks)
+    # An empty range is read_range's case only; the engine opens ranges of at least one byte,
+    # or whole objects (of any size).
+    if isinstance(source, StreamingSource) and (length > 0 or (offset, obj.size) == (0, 0)):
+        assert read_into(source, obj, offset, length) == data
+    return data
+
+
+def read_into(source: StreamingSource, obj: ObjectInfo, offset: int, length: int) -> bytes:
+    """The range read with `readinto` into a buffer of an odd size, as the engine reads."""
+    body = source.open_range(obj, offset, length)
+    try:
+        view, out = memoryview(bytearray(100_003)), bytearray()
+        while n := body.readinto(view):
+            assert n <= len(view)
+            out += view[:n]
+        assert body.readinto(view) == 0
+    finally:
+        body.close()
+    return bytes(out)
 
 
 def by_key(source: Source) -> dict[str, ObjectInfo]:
@@ -276,6 +298,9 @@ def test_changed_object_raises_source_changed(backend: Backend) -> None:
     backend.put("f", b"version two, longer")
     with pytest.raises(SourceChanged, match="changed while being copied"):
         read(source, obj, 0, 5)
+    if isinstance(source, StreamingSource):
+        with pytest.raises(SourceChanged, match="changed while being copied"):
+            read_into(source, obj, 0, 5)
 
 
 def test_missing_object_raises_source_error(backend: Backend) -> None:
@@ -287,6 +312,9 @@ def test_missing_object_raises_source_error(backend: Backend) -> None:
         read(source, obj, 0, 5)
     with pytest.raises(SourceError):
         read(source, ObjectInfo("never/was", 10, obj.etag), 0, 10)
+    if isinstance(source, StreamingSource):
+        with pytest.raises(SourceError):
+            read_into(source, obj, 0, 5)
 
 
 def test_full_copy_reproduces_the_tree(backend: Backend, tmp_path: Path) -> None:

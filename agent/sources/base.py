@@ -98,11 +98,20 @@ class RangeBody(Protocol):
 
 
 @runtime_checkable
-class BufferedSource(ChecksummedSource, Protocol):
-    """A source the engine reads into its own reused buffers, which states checksums as it
-    answers and can describe multipart uploads (the S3 fast path)."""
+class StreamingSource(Protocol):
+    """A source the engine reads into its own reused buffers (`RangeBody.readinto`): no
+    bytes object per chunk, one copy fewer (S3, NFS)."""
 
-    def open_range(self, obj: ObjectInfo, offset: int, length: int) -> RangeBody: ...
+    def open_range(self, obj: ObjectInfo, offset: int, length: int) -> RangeBody:
+        """Bytes [offset, offset+length) of `obj` as it was listed. Raises `SourceChanged` if
+        the object changed, here or from `readinto`."""
+        ...
+
+
+@runtime_checkable
+class BufferedSource(StreamingSource, ChecksummedSource, Protocol):
+    """A streaming source that states checksums as it answers and can describe multipart
+    uploads (the S3 fast path)."""
 
     def head(self, key: str, etag: str | None) -> ObjectFacts:
         """The object's metadata, If-Match `etag` when given (`SourceChanged` otherwise)."""

@@ -227,7 +227,6 @@ class _Context:
         self.lib = lib
         self.broken = False
         self.last_used = time.monotonic()
-        self.buffer = ctypes.create_string_buffer(MAX_READ_BYTES)
         ptr = lib.nfs_init_context()
         if not ptr:
             raise _CallFailed(errno.ENOMEM, "nfs_init_context", "libnfs could not allocate")
@@ -311,9 +310,11 @@ class _Context:
         self.check(self.lib.nfs_fstat64(self.ptr, handle, ctypes.byref(st)), "stat")
         return st
 
-    def pread(self, handle: int, offset: int, count: int) -> bytes:
-        got = self.check(self.lib.nfs_pread(self.ptr, handle, offset, count, self.buffer), "read")
-        return ctypes.string_at(self.buffer, got)
+    def pread_into(self, handle: int, offset: int, view: memoryview) -> int:
+        """Reads into `view` (writable, at most `MAX_READ_BYTES`) straight from libnfs: no
+        intermediate buffer, no bytes object. Returns the bytes read (0 at end of file)."""
+        target = (ctypes.c_char * len(view)).from_buffer(view)
+        return self.check(self.lib.nfs_pread(self.ptr, handle, offset, len(view), target), "read")
 
     def close(self, handle: int) -> None:
         # On a broken connection the close would only wait for its timeout; destroying the
@@ -616,38 +617,18 @@ class NfsSource:
     def read_range(self, obj: ObjectInfo, offset: int, length: int) -> Iterator[bytes]:
         if length <= 0:
             return
-        with self._context() as ctx:
-            path = self._path(obj.key)
-            try:
-                handle = ctx.open(path)
-            except _CallFailed as exc:
-                if exc.code in (errno.ENOENT, errno.ENOTDIR):
-                    raise SourceError(
-                        f"{self._uri}{obj.key}: no such file (deleted since it was listed?)"
-                    ) from exc.os_error
-                raise self._error(path, exc) from exc.os_error
-            try:
-                self._check(ctx.fstat(handle), obj)
-                pos, end = offset, offset + length
-                while pos < end:
-                    chunk = ctx.pread(handle, pos, min(MAX_READ_BYTES, end - pos))
-                    if not chunk:
-                        self._check(ctx.fstat(handle), obj)
-                        raise SourceError(
-                            f"reading {self._uri}{obj.key}: the file ends at byte {pos}, "
-                            f"{end - pos} bytes short"
-                        )
-                    pos += len(chunk)
-                    yield chunk
-                # Also catches a rewrite that happened while the range was being read.
-                self._check(ctx.fstat(handle), obj)
-            except _CallFailed as exc:
-                raise self._error(path, exc) from exc.os_error
-            finally:
-                try:
-                    ctx.close(handle)
-                except _CallFailed as exc:
-                    log.info("Closing an NFS file failed: %s", exc)
+        body = self.open_range(obj, offset, length)
+        try:
+            view = memoryview(bytearray(min(MAX_READ_BYTES, length)))
+            while n := body.readinto(view):
+                yield bytes(view[:n])
+        finally:
+            body.close()
+
+    def open_range(self, obj: ObjectInfo, offset: int, length: int) -> _RangeBody:
+        """Bytes [offset, offset+length) of `obj`, read into the caller's buffers
+        (`StreamingSource`). Holds one context until closed."""
+        return _RangeBody(self, obj, offset, length)
 
     def stat(self, key: str) -> ObjectInfo:
         with self._context() as ctx:
@@ -663,6 +644,74 @@ class NfsSource:
     def checksum(self, obj: ObjectInfo) -> ObjectChecksum | None:
         """NFS stores no checksum of a file's content."""
         return None
+
+
+class _RangeBody:
+    """A range of one NFS file being read: the file opened on one context of the pool, its
+    version checked when opened, when it ends short, and after its last byte."""
+
+    checksum: ObjectChecksum | None = None
+    """NFS states no checksum."""
+
+    def __init__(self, source: NfsSource, obj: ObjectInfo, offset: int, length: int) -> None:
+        self._source, self._obj = source, obj
+        self._pos, self._end = offset, offset + length
+        self._path = source._path(obj.key)
+        self._ctx: _Context | None = source._pool.acquire(source._new_context)
+        self._handle = 0
+        try:
+            try:
+                self._handle = self._ctx.open(self._path)
+            except _CallFailed as exc:
+                if exc.code in (errno.ENOENT, errno.ENOTDIR):
+                    raise SourceError(
+                        f"{source._uri}{obj.key}: no such file (deleted since it was listed?)"
+                    ) from exc.os_error
+                raise source._error(self._path, exc) from exc.os_error
+            self._checked()
+        except BaseException:
+            self.close()
+            raise
+
+    def _checked(self) -> None:
+        assert self._ctx is not None
+        try:
+            self._source._check(self._ctx.fstat(self._handle), self._obj)
+        except _CallFailed as exc:
+            raise self._source._error(self._path, exc) from exc.os_error
+
+    def readinto(self, view: memoryview) -> int:
+        ctx = self._ctx
+        if ctx is None or self._pos >= self._end:
+            return 0
+        want = min(len(view), MAX_READ_BYTES, self._end - self._pos)
+        try:
+            got = ctx.pread_into(self._handle, self._pos, view[:want])
+        except _CallFailed as exc:
+            raise self._source._error(self._path, exc) from exc.os_error
+        if got == 0:
+            self._checked()
+            raise SourceError(
+                f"reading {self._source._uri}{self._obj.key}: the file ends at byte "
+                f"{self._pos}, {self._end - self._pos} bytes short"
+            )
+        self._pos += got
+        if self._pos == self._end:
+            # Also catches a rewrite that happened while the range was being read.
+            self._checked()
+        return got
+
+    def close(self) -> None:
+        ctx, self._ctx = self._ctx, None
+        if ctx is None:
+            return
+        try:
+            if self._handle:
+                ctx.close(self._handle)
+        except _CallFailed as exc:
+            log.info("Closing an NFS file failed: %s", exc)
+        finally:
+            self._source._pool.release(ctx)
 
 
 def _tag(st: _Stat64) -> str:

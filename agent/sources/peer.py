@@ -56,6 +56,7 @@ from agent.sources.base import (
     PartLayout,
     RangeBody,
     Source,
+    StreamingSource,
 )
 from datacache.validation import InvalidInput, validate_peer_address
 
@@ -515,7 +516,7 @@ class PeerSource:
 
     def open_origin(self, obj: ObjectInfo, offset: int, length: int) -> RangeBody:
         origin = self._origin
-        if isinstance(origin, BufferedSource):
+        if isinstance(origin, StreamingSource):
             return origin.open_range(obj, offset, length)
         return _ChunkBody(iter(origin.read_range(obj, offset, length)))
 
