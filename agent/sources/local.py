@@ -193,27 +193,24 @@ class LocalDirSource:
     def read_range(self, obj: ObjectInfo, offset: int, length: int) -> Iterator[bytes]:
         if length <= 0:
             return
-        path = self._root + obj.key
+        body = self.open_range(obj, offset, length)
+        try:
+            view = memoryview(bytearray(min(READ_CHUNK_BYTES, length)))
+            while n := body.readinto(view):
+                yield bytes(view[:n])
+        finally:
+            body.close()
+
+    def open_range(self, obj: ObjectInfo, offset: int, length: int) -> _RangeBody:
+        """Bytes [offset, offset+length) of `obj`, read into the caller's buffers
+        (`StreamingSource`)."""
         fd = self._open(obj.key)
         try:
             self._check(fd, obj)
-            pos, end = offset, offset + length
-            while pos < end:
-                try:
-                    chunk = os.pread(fd, min(READ_CHUNK_BYTES, end - pos), pos)
-                except OSError as exc:
-                    raise SourceError(f"reading {path} at byte {pos}: {exc.strerror}") from exc
-                if not chunk:
-                    self._check(fd, obj)
-                    raise SourceError(
-                        f"reading {path}: the file ends at byte {pos}, {end - pos} bytes short"
-                    )
-                pos += len(chunk)
-                yield chunk
-            # Also catches a rewrite that happened while the range was being read.
-            self._check(fd, obj)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        return _RangeBody(self, fd, obj, offset, length)
 
     def stat(self, key: str) -> ObjectInfo:
         fd = self._open(key)
@@ -241,3 +238,43 @@ def _is_link(dir_fd: int, name: str) -> bool:
 
 def _join(where: str, name: str) -> str:
     return f"{where}/{name}" if where else name
+
+
+class _RangeBody:
+    """A range of one opened file: its version checked when opened, when it ends short and
+    after its last byte."""
+
+    checksum: ObjectChecksum | None = None
+    """A plain file states no checksum."""
+
+    def __init__(
+        self, source: LocalDirSource, fd: int, obj: ObjectInfo, offset: int, length: int
+    ) -> None:
+        self._source, self._fd, self._obj = source, fd, obj
+        self._pos, self._end = offset, offset + length
+
+    def readinto(self, view: memoryview) -> int:
+        if self._fd < 0 or self._pos >= self._end:
+            return 0
+        want = min(len(view), self._end - self._pos)
+        path = self._source._root + self._obj.key
+        try:
+            got = os.preadv(self._fd, [view[:want]], self._pos)
+        except OSError as exc:
+            raise SourceError(f"reading {path} at byte {self._pos}: {exc.strerror}") from exc
+        if got == 0:
+            self._source._check(self._fd, self._obj)
+            raise SourceError(
+                f"reading {path}: the file ends at byte {self._pos}, "
+                f"{self._end - self._pos} bytes short"
+            )
+        self._pos += got
+        if self._pos == self._end:
+            # Also catches a rewrite that happened while the range was being read.
+            self._source._check(self._fd, self._obj)
+        return got
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
