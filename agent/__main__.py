@@ -3,7 +3,6 @@ coordinator). Every option is also an environment variable, named on `--help`.""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -399,6 +398,8 @@ def run(**kwargs: Any) -> None:
         kwargs["tls_key_file"],
         kwargs["tls_server_name"],
     )
+    import asyncio
+
     import prometheus_client
 
     from agent import metrics

@@ -11,6 +11,12 @@ Speeds on the benchmark machine (one core, 1 MiB buffers): awscrt CRC64/NVME and
 15 GB/s, awscrt CRC32 only 1.4 GB/s; ISA-L's CRC32 (the `isal` package, used when installed)
 15 GB/s; MD5 0.57 GB/s and SHA-256 0.37 GB/s, which is why neither is used unless the source
 states nothing else.
+
+Where ISA-L is installed, CRC64/NVME (ISA-L's `crc64_rocksoft_refl`, the same polynomial,
+reflection and inversion, reached through ctypes in the `isal` package's extension) and CRC32
+come from it, and CRC64/NVME values are combined here in Python (`_Crc64Combiner`): awscrt,
+whose import seeds a jitter-entropy RNG (about 60 ms of every agent start here), is then
+imported only for CRC32C, a source stating CRC64/NVME, or without ISA-L.
 """
 
 from __future__ import annotations
@@ -24,23 +30,126 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from awscrt import checksums as crt
-
-try:
-    from isal.isal_zlib import crc32 as _crc32  # type: ignore[import-not-found, unused-ignore]
-except ImportError:  # pragma: no cover - the optional faster CRC32
-    _crc32 = crt.crc32
-
 _READBACK_BYTES = 8 * 1024 * 1024
 
 Buffer = bytes | bytearray | memoryview
 Crc = Callable[[Buffer, int], int]
 Combine = Callable[[int, int, int], int]
-_ALGORITHMS: dict[str, tuple[Crc, Combine]] = {
-    "crc64nvme": (crt.crc64nvme, crt.combine_crc64nvme),
-    "crc32c": (crt.crc32c, crt.combine_crc32c),
-    "crc32": (_crc32, crt.combine_crc32),
-}
+
+
+def _crt() -> Any:
+    from awscrt import checksums as crt
+
+    return crt
+
+
+class _Crc64Combiner:
+    """CRC64/NVME of a concatenation from the CRCs of its parts (zlib's crc32_combine method,
+    64 bits wide): crc(A+B) = crc(A) * x^(8 len(B)) mod P + crc(B), over GF(2), with P
+    reflected. The powers of x are cached per length: a file's ranges share one length."""
+
+    _POLY = 0x9A6C9329AC4BC9B5  # 0xAD93D23594C93659 reflected
+    _X0 = 1 << 63  # x^0, reflected
+
+    def __init__(self) -> None:
+        # x^(2^n) mod P for n = 0..63.
+        power, self._x2n = 1 << 62, []
+        for _ in range(64):
+            self._x2n.append(power)
+            power = self._multiply(power, power)
+        self._shifts: dict[int, int] = {}
+
+    def _multiply(self, a: int, b: int) -> int:
+        """a * b mod P (both reflected)."""
+        m, product = self._X0, 0
+        while m:
+            if a & m:
+                product ^= b
+                if not a & (m - 1):
+                    break
+            m >>= 1
+            b = (b >> 1) ^ self._POLY if b & 1 else b >> 1
+        return product
+
+    def _shift(self, length: int) -> int:
+        """x^(8 length) mod P."""
+        power = self._shifts.get(length)
+        if power is None:
+            power, n, k = self._X0, length, 3
+            while n:
+                if n & 1:
+                    power = self._multiply(self._x2n[k & 63], power)
+                n >>= 1
+                k += 1
+            if len(self._shifts) < 1024:
+                self._shifts[length] = power
+        return power
+
+    def __call__(self, crc1: int, crc2: int, length2: int) -> int:
+        return self._multiply(self._shift(length2), crc1) ^ crc2
+
+
+def _isal_crc64() -> Crc | None:
+    """ISA-L's CRC64/NVME through the `isal` package's extension module, or None."""
+    try:
+        import ctypes
+
+        from isal import isal_zlib  # type: ignore[import-not-found, unused-ignore]
+
+        function = ctypes.CDLL(isal_zlib.__file__).crc64_rocksoft_refl
+    except (ImportError, OSError, AttributeError):
+        return None
+    function.restype = ctypes.c_uint64
+    array = ctypes.c_char
+
+    def crc64_isal(data: Buffer, previous: int = 0) -> int:
+        seed = ctypes.c_uint64(previous)
+        if isinstance(data, bytes):
+            return int(function(seed, data, ctypes.c_uint64(len(data))))
+        view = memoryview(data)
+        if view.readonly:
+            return int(function(seed, view.tobytes(), ctypes.c_uint64(view.nbytes)))
+        buffer = (array * view.nbytes).from_buffer(view)
+        return int(function(seed, buffer, ctypes.c_uint64(view.nbytes)))
+
+    # Trust it only if it computes the catalogued check value of CRC-64/NVME.
+    return crc64_isal if crc64_isal(b"123456789") == 0xAE8B14860A799888 else None
+
+
+def _load() -> dict[str, tuple[Crc, Combine]]:
+    algorithms: dict[str, tuple[Crc, Combine]] = {}
+    crc64 = _isal_crc64()
+    if crc64 is not None:
+        algorithms["crc64nvme"] = (crc64, _Crc64Combiner())
+    try:
+        from isal.isal_zlib import (  # type: ignore[import-not-found, unused-ignore]
+            crc32,
+            crc32_combine,
+        )
+    except ImportError:  # pragma: no cover - the optional faster CRC32
+        pass
+    else:
+        algorithms["crc32"] = (crc32, crc32_combine)
+    return algorithms
+
+
+_ALGORITHMS: dict[str, tuple[Crc, Combine]] = _load()
+
+
+def _algorithm(name: str) -> tuple[Crc, Combine]:
+    found = _ALGORITHMS.get(name)
+    if found is None:
+        crt = _crt()
+        found = {
+            "crc64nvme": (crt.crc64nvme, crt.combine_crc64nvme),
+            "crc32c": (crt.crc32c, crt.combine_crc32c),
+            "crc32": (crt.crc32, crt.combine_crc32),
+        }[name]
+        _ALGORITHMS[name] = found
+    return found
+
+
+_crc64 = _ALGORITHMS["crc64nvme"][0] if "crc64nvme" in _ALGORITHMS else None
 WIDTH = {"crc64nvme": 8, "crc32c": 4, "crc32": 4}
 """Bytes of each algorithm's value (as S3 encodes it, big-endian)."""
 _S3_HEADERS = (
@@ -57,22 +166,22 @@ _S3_FIELDS = (
 
 
 def crc64(data: Buffer, previous: int = 0) -> int:
-    crc: int = crt.crc64nvme(data, previous)
-    return crc
+    crc_of = _crc64 or _algorithm("crc64nvme")[0]
+    return crc_of(data, previous)
 
 
 def crc_function(algorithm: str) -> Crc:
-    return _ALGORITHMS[algorithm][0]
+    return _algorithm(algorithm)[0]
 
 
 def crc(algorithm: str, data: Buffer, previous: int = 0) -> int:
-    crc_of, _ = _ALGORITHMS[algorithm]
+    crc_of, _ = _algorithm(algorithm)
     return crc_of(data, previous)
 
 
 def combine(algorithm: str, ranges: list[tuple[int, int]]) -> int:
     """Combines (crc, length) of consecutive ranges into the CRC of their concatenation."""
-    _, join = _ALGORITHMS[algorithm]
+    _, join = _algorithm(algorithm)
     total = 0
     for i, (crc, length) in enumerate(ranges):
         total = crc if i == 0 else join(total, crc, length)
@@ -161,7 +270,7 @@ def read_back(
         if not block:
             break
         for algorithm in algorithms:
-            crcs[algorithm] = _ALGORITHMS[algorithm][0](block, crcs[algorithm])
+            crcs[algorithm] = _algorithm(algorithm)[0](block, crcs[algorithm])
         if digest is not None:
             digest.update(block)
         offset += len(block)
@@ -187,7 +296,7 @@ def from_s3_response(response: Mapping[str, Any]) -> ObjectChecksum | None:
 
 def file_crc(fd: int, size: int, algorithm: str) -> int:
     """The CRC of a written file, read back through the page cache."""
-    crc_of, _ = _ALGORITHMS[algorithm]
+    crc_of, _ = _algorithm(algorithm)
     crc, offset = 0, 0
     while offset < size:
         block = os.pread(fd, min(_READBACK_BYTES, size - offset), offset)

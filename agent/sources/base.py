@@ -108,6 +108,17 @@ class StreamingSource(Protocol):
         ...
 
 
+def read_chunks(body: RangeBody, length: int) -> Iterator[bytes]:
+    """`Source.read_range` on top of a streaming source's `open_range` body: its bytes in
+    chunks of at most `READ_CHUNK_BYTES`; closes the body."""
+    try:
+        view = memoryview(bytearray(min(READ_CHUNK_BYTES, length)))
+        while n := body.readinto(view):
+            yield bytes(view[:n])
+    finally:
+        body.close()
+
+
 @runtime_checkable
 class BufferedSource(StreamingSource, ChecksummedSource, Protocol):
     """A streaming source that states checksums as it answers and can describe multipart

@@ -34,7 +34,7 @@ from stat import S_ISLNK, S_ISREG
 from typing import TYPE_CHECKING
 
 from agent.errors import SourceChanged, SourceError
-from agent.sources.base import READ_CHUNK_BYTES, ObjectInfo
+from agent.sources.base import ObjectInfo, read_chunks
 
 if TYPE_CHECKING:
     from agent.checksums import ObjectChecksum
@@ -193,13 +193,7 @@ class LocalDirSource:
     def read_range(self, obj: ObjectInfo, offset: int, length: int) -> Iterator[bytes]:
         if length <= 0:
             return
-        body = self.open_range(obj, offset, length)
-        try:
-            view = memoryview(bytearray(min(READ_CHUNK_BYTES, length)))
-            while n := body.readinto(view):
-                yield bytes(view[:n])
-        finally:
-            body.close()
+        yield from read_chunks(self.open_range(obj, offset, length), length)
 
     def open_range(self, obj: ObjectInfo, offset: int, length: int) -> _RangeBody:
         """Bytes [offset, offset+length) of `obj`, read into the caller's buffers

@@ -57,7 +57,7 @@ from stat import S_IFDIR, S_IFLNK, S_IFMT, S_IFREG
 from typing import TYPE_CHECKING, Any
 
 from agent.errors import SourceChanged, SourceError
-from agent.sources.base import READ_CHUNK_BYTES, ObjectInfo
+from agent.sources.base import READ_CHUNK_BYTES, ObjectInfo, read_chunks
 from agent.sources.local import sort_key, version_tag
 from datacache.validation import NfsSource as NfsLocation
 
@@ -617,13 +617,7 @@ class NfsSource:
     def read_range(self, obj: ObjectInfo, offset: int, length: int) -> Iterator[bytes]:
         if length <= 0:
             return
-        body = self.open_range(obj, offset, length)
-        try:
-            view = memoryview(bytearray(min(MAX_READ_BYTES, length)))
-            while n := body.readinto(view):
-                yield bytes(view[:n])
-        finally:
-            body.close()
+        yield from read_chunks(self.open_range(obj, offset, length), length)
 
     def open_range(self, obj: ObjectInfo, offset: int, length: int) -> _RangeBody:
         """Bytes [offset, offset+length) of `obj`, read into the caller's buffers
