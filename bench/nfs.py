@@ -38,12 +38,12 @@ import shlex
 import shutil
 import sys
 import tempfile
-import time
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
 # bench/transfer.py, beside this script (sys.path[0]); tests/ comes with the editable install.
+import transfer
 from transfer import (
     GIB,
     MIB,
@@ -56,14 +56,7 @@ from transfer import (
     _console,
     _random_chunks,
     _run_line,
-    _self_cpu_seconds,
-    fsync_tree,
-    machine_busy_seconds,
     median,
-    server_cpu_seconds,
-    spawn,
-    verify_copy,
-    wait_until_quiet,
 )
 
 from tests.nfsserver import NfsServer, unavailable_reason
@@ -113,48 +106,9 @@ def argv_for(ctx: Context, tool: str, uri: str, dest: Path, version: str) -> lis
 def run_tool(
     ctx: Context, tool: str, workload: Workload, uri: str, version: str, round_no: int
 ) -> Run:
-    dest = ctx.workdir / "dest"
-    shutil.rmtree(dest, ignore_errors=True)
-    os.sync()
-    if tool.startswith("nfs-"):
-        dest.mkdir()
-    idle_before = wait_until_quiet(ctx.quiet_wait) if ctx.quiet_wait > 0 else -1.0
-    server_before = server_cpu_seconds(ctx.server_pid)
-    machine_before, self_before = machine_busy_seconds(), _self_cpu_seconds()
-    child = spawn(ctx, argv_for(ctx, tool, uri, dest, version))
-    seconds = child.seconds
-    if tool == "nfs-cp-fsync" and child.returncode == 0:
-        started = time.perf_counter()
-        fsync_tree(dest)
-        seconds += time.perf_counter() - started
-    server = server_cpu_seconds(ctx.server_pid) - server_before
-    machine = machine_busy_seconds() - machine_before
-    own = child.user_seconds + child.system_seconds + _self_cpu_seconds() - self_before
-    run = Run(
-        tool=tool,
-        workload=workload.name,
-        round=round_no,
-        seconds=seconds,
-        max_rss_kib=child.max_rss_kib,
-        user_seconds=child.user_seconds,
-        system_seconds=child.system_seconds,
-        server_cpu_seconds=server,
-        other_cpu_seconds=max(0.0, machine - server - own),
-        busy_cores_before=idle_before,
+    return transfer.run_tool(
+        ctx, tool, workload, round_no, lambda dest: argv_for(ctx, tool, uri, dest, version)
     )
-    try:
-        if child.returncode != 0:
-            raise BenchError(f"exit status {child.returncode}: {child.stderr[-2000:]}")
-        if tool.startswith("agent"):
-            summary = json.loads([x for x in child.stdout.splitlines() if x.startswith("{")][-1])
-            run.agent_seconds = float(summary["seconds"])
-            run.verification = dict(summary["verification"])
-        verify_copy(dest, workload)
-    except (BenchError, ValueError, KeyError, IndexError) as exc:
-        run.error = str(exc)
-    finally:
-        shutil.rmtree(dest, ignore_errors=True)
-    return run
 
 
 def report(runs: list[Run], workload: Workload) -> str:

@@ -50,7 +50,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -361,21 +361,30 @@ def tool_argv(ctx: Context, tool: str, workload: Workload, dest: Path) -> list[s
     return boto3_argv(ctx, workload, dest)
 
 
-def run_tool(ctx: Context, tool: str, workload: Workload, round_no: int) -> Run:
+def run_tool(
+    ctx: Context,
+    tool: str,
+    workload: Workload,
+    round_no: int,
+    argv_for: Callable[[Path], list[str]] | None = None,
+) -> Run:
+    """One measured run of `tool` into a fresh DEST; `argv_for(DEST)` gives its command (by
+    default `tool_argv`). A tool named `...-fsync` other than the agent is followed by an
+    fsync of every file and directory it wrote, timed with it."""
     dest = ctx.workdir / "dest"
     shutil.rmtree(dest, ignore_errors=True)
     os.sync()
     if ctx.drop_caches:
         _DROP_CACHES.write_text("1\n")
     dest.mkdir()
-    argv = tool_argv(ctx, tool, workload, dest)
+    argv = argv_for(dest) if argv_for is not None else tool_argv(ctx, tool, workload, dest)
     idle_before = wait_until_quiet(ctx.quiet_wait) if ctx.quiet_wait > 0 else -1.0
     server_before = server_cpu_seconds(ctx.server_pid)
     sources = _agent_digest() if tool.startswith("agent") else ""
     machine_before, self_before = machine_busy_seconds(), _self_cpu_seconds()
     child = spawn(ctx, [*ctx.prefix_argv, *argv])
     seconds = child.seconds
-    if tool == "s5cmd-fsync" and child.returncode == 0:
+    if tool.endswith("-fsync") and not tool.startswith("agent") and child.returncode == 0:
         started = time.perf_counter()
         fsync_tree(dest)
         seconds += time.perf_counter() - started
