@@ -119,6 +119,13 @@ _DEFAULTS = CoordinatorSettings()
     help="Longest time a dataset change is kept for watches to resume from (s).",
 )
 @click.option(
+    "--wal-checkpoint-seconds",
+    type=click.FloatRange(0.05, 3600),
+    default=_DEFAULTS.wal_checkpoint_seconds,
+    show_envvar=True,
+    help="Checkpoint the database's write-ahead log this often, off the request path (s).",
+)
+@click.option(
     "--tls-cert-file",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,

@@ -134,6 +134,7 @@ async def serve(settings: CoordinatorSettings, stop: asyncio.Event) -> None:
         settings.db_path,
         history_size=settings.watch_history_size,
         history_seconds=settings.watch_history_seconds,
+        checkpoint_seconds=settings.wal_checkpoint_seconds,
     )
     store.extend_all_leases(time.time())
     hub = DesiredStateHub()

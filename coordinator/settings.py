@@ -75,6 +75,11 @@ class CoordinatorSettings:
     watch_history_seconds: float = 3600.0
     """Longest time a dataset change is kept for WatchDatasets to resume from, seconds."""
 
+    wal_checkpoint_seconds: float = 1.0
+    """How often the database's write-ahead log is checkpointed, by a thread of its own so no
+    call waits for it, seconds. Disk: the WAL holds at most about this long's writes (at 500
+    reports/s, a few MB)."""
+
     namespace: str = "datacache"
     """The coordinator's namespace: where credentials Secrets and the leader Lease live."""
 

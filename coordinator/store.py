@@ -5,7 +5,8 @@ Dataset definitions, fixed versions and the change history exist only here (back
 a persistent volume); agents, assignments and replica states are rebuilt from agents'
 registrations and reports. SQLite in WAL mode keeps it all across restarts (see
 `_transaction` for which commits wait for the disk). All statements run on the event-loop
-thread: they are sub-millisecond, and one connection keeps transactions simple.
+thread: they are sub-millisecond, and one connection keeps transactions simple; the
+coordinator's store checkpoints its WAL from another thread (`coordinator.checkpoint`).
 
 The rows read on every report and every reconcile pass (datasets, agents, assignments, replica
 reports, fixed versions, local labels) are also kept in memory (`StoreCache`): reads come from
@@ -30,6 +31,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from coordinator.checkpoint import WalCheckpointer
 from coordinator.errors import AlreadyExists, CoordinatorError, FailedPrecondition, NotFound
 from coordinator.model import (
     AgentRecord,
@@ -278,10 +280,15 @@ class Store:
         history_size: int = 10_000,
         history_seconds: float = 3600.0,
         clock: Callable[[], float] = time.time,
+        checkpoint_seconds: float | None = None,
     ) -> None:
         """`history_size` and `history_seconds` bound the change history WatchDatasets resumes
-        from: at most that many changes, none older than that many seconds."""
+        from: at most that many changes, none older than that many seconds. With
+        `checkpoint_seconds`, the WAL is checkpointed that often by a thread of its own
+        (`coordinator.checkpoint`), never inside a commit: for the coordinator's own store,
+        whose commits run on the event loop."""
         self._db = sqlite3.connect(str(path), isolation_level=None)
+        self._checkpointer: WalCheckpointer | None = None
         self._history_size = history_size
         self._history_seconds = history_seconds
         self._clock = clock
@@ -298,6 +305,9 @@ class Store:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._migrate()
+        if checkpoint_seconds is not None and str(path) != ":memory:":
+            self._db.execute("PRAGMA wal_autocheckpoint=0")
+            self._checkpointer = WalCheckpointer(str(path), checkpoint_seconds).start()
 
     def _migrate(self) -> None:
         if self.schema_version() == SCHEMA_VERSION:
@@ -325,7 +335,14 @@ class Store:
         version: int = self._db.execute("PRAGMA user_version").fetchone()[0]
         return version
 
+    @property
+    def checkpointer(self) -> WalCheckpointer | None:
+        return self._checkpointer
+
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+        # The last connection to close checkpoints what is left and removes the WAL.
         self._db.close()
 
     @contextmanager
