@@ -56,7 +56,6 @@ from transfer import (
     _console,
     _random_chunks,
     _run_line,
-    median,
 )
 
 from tests.nfsserver import NfsServer, unavailable_reason
@@ -113,32 +112,7 @@ def run_tool(
 
 def report(runs: list[Run], workload: Workload) -> str:
     ok = [r for r in runs if r.error is None]
-    lines = [
-        f"({workload.name}) {workload.title}, {workload.total_bytes:,} bytes",
-        "| tool | median s | MB/s | min-max s | agent's own s | peak RSS MiB "
-        "| CPU user+sys s | server CPU s | other CPU s | runs |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    medians: dict[str, float] = {}
-    for tool in TOOLS:
-        rs = [r for r in ok if r.tool == tool]
-        if not rs:
-            continue
-        med = medians[tool] = median(r.seconds for r in rs)
-        own = [r.agent_seconds for r in rs if r.agent_seconds is not None]
-        cells = [
-            tool,
-            f"{med:.2f}",
-            f"{workload.total_bytes / med / 1e6:.0f}",
-            f"{min(r.seconds for r in rs):.2f}-{max(r.seconds for r in rs):.2f}",
-            f"{median(own):.2f}" if own else "-",
-            f"{max(r.max_rss_kib for r in rs) / 1024:.0f}",
-            f"{median(r.user_seconds + r.system_seconds for r in rs):.2f}",
-            f"{median(r.server_cpu_seconds for r in rs):.2f}",
-            f"{median(r.other_cpu_seconds for r in rs):.2f}",
-            str(len(rs)),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines, medians = transfer.tool_table(runs, workload, TOOLS)
     for agent, peers in (("agent", ("nfs-cp", "nfs-cat")), ("agent-fsync", ("nfs-cp-fsync",))):
         for peer in peers:
             if agent in medians and peer in medians:

@@ -50,7 +50,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -672,36 +672,48 @@ def median(values: Iterable[float]) -> float:
     return statistics.median(list(values))
 
 
+def tool_table(
+    runs: list[Run], workload: Workload, tools: Sequence[str]
+) -> tuple[list[str], dict[str, float]]:
+    """The Markdown table of `workload`'s successful runs, a row per tool, and each tool's
+    median seconds."""
+    mine = [r for r in runs if r.workload == workload.name and r.error is None]
+    lines = [
+        f"({workload.name}) {workload.title}, {workload.total_bytes:,} bytes",
+        "| tool | median s | MB/s | min-max s | agent's own s | peak RSS MiB "
+        "| CPU user+sys s | server CPU s | other CPU s | runs |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    medians: dict[str, float] = {}
+    for tool in tools:
+        rs = [r for r in mine if r.tool == tool]
+        if not rs:
+            continue
+        med = medians[tool] = median(r.seconds for r in rs)
+        own = [r.agent_seconds for r in rs if r.agent_seconds is not None]
+        cells = [
+            tool,
+            f"{med:.2f}",
+            f"{workload.total_bytes / med / 1e6:.0f}",
+            f"{min(r.seconds for r in rs):.2f}-{max(r.seconds for r in rs):.2f}",
+            f"{median(own):.2f}" if own else "-",
+            f"{max(r.max_rss_kib for r in rs) / 1024:.0f}",
+            f"{median(r.user_seconds + r.system_seconds for r in rs):.2f}",
+            f"{median(r.server_cpu_seconds for r in rs):.2f}",
+            f"{median(r.other_cpu_seconds for r in rs):.2f}",
+            str(len(rs)),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines, medians
+
+
 def report(runs: list[Run], workloads: list[Workload], tools: list[str]) -> str:
     lines: list[str] = []
     for workload in workloads:
         mine = [r for r in runs if r.workload == workload.name and r.error is None]
-        lines.append(f"\n({workload.name}) {workload.title}, {workload.total_bytes:,} bytes")
-        lines.append(
-            "| tool | median s | MB/s | min-max s | agent's own s | peak RSS MiB "
-            "| CPU user+sys s | server CPU s | other CPU s | runs |"
-        )
-        lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-        medians: dict[str, float] = {}
-        for tool in tools:
-            rs = [r for r in mine if r.tool == tool]
-            if not rs:
-                continue
-            med = medians[tool] = median(r.seconds for r in rs)
-            own = [r.agent_seconds for r in rs if r.agent_seconds is not None]
-            cells = [
-                tool,
-                f"{med:.2f}",
-                f"{workload.total_bytes / med / 1e6:.0f}",
-                f"{min(r.seconds for r in rs):.2f}-{max(r.seconds for r in rs):.2f}",
-                f"{median(own):.2f}" if own else "-",
-                f"{max(r.max_rss_kib for r in rs) / 1024:.0f}",
-                f"{median(r.user_seconds + r.system_seconds for r in rs):.2f}",
-                f"{median(r.server_cpu_seconds for r in rs):.2f}",
-                f"{median(r.other_cpu_seconds for r in rs):.2f}",
-                str(len(rs)),
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
+        table, medians = tool_table(runs, workload, tools)
+        lines.append("")
+        lines.extend(table)
         for a, s in (("agent", "s5cmd"), ("agent-fsync", "s5cmd-fsync")):
             if a in medians and s in medians:
                 lines.append(
