@@ -225,9 +225,9 @@ def test_proxy_forwards_chunked_bodies_over_kept_alive_connections(echo_server: 
         assert proxy.counts() == {"flip": 1}
 
 
-def test_proxy_stop_cuts_a_stalled_response(echo_server: str) -> None:
-    proxy = FaultProxy(echo_server, [Rule(Fault("stall", seconds=60))]).start()
-    outcome: list[BaseException | bytes] = []
+def get_in_thread(proxy: FaultProxy, outcome: list[BaseException | bytes]) -> threading.Thread:
+    """GET /data through the proxy in a thread of its own; its body or error goes to
+    `outcome`."""
 
     def client() -> None:
         conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
@@ -241,6 +241,13 @@ def test_proxy_stop_cuts_a_stalled_response(echo_server: str) -> None:
 
     thread = threading.Thread(target=client)
     thread.start()
+    return thread
+
+
+def test_proxy_stop_cuts_a_stalled_response(echo_server: str) -> None:
+    proxy = FaultProxy(echo_server, [Rule(Fault("stall", seconds=60))]).start()
+    outcome: list[BaseException | bytes] = []
+    thread = get_in_thread(proxy, outcome)
     try:
         wait_until(lambda: proxy.counts()["stall"] == 1, 10, "the stall to begin", 0.02)
     finally:
@@ -256,26 +263,13 @@ def test_proxy_stop_cuts_a_stalled_response(echo_server: str) -> None:
 def test_released_stalls_send_their_bodies_and_later_stalls_still_stall(echo_server: str) -> None:
     with FaultProxy(echo_server, [Rule(Fault("stall", seconds=60))]) as proxy:
         bodies: list[BaseException | bytes] = []
-
-        def client() -> None:
-            conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
-            try:
-                conn.request("GET", "/data")
-                bodies.append(conn.getresponse().read())
-            except (OSError, http.client.HTTPException) as exc:
-                bodies.append(exc)
-            finally:
-                conn.close()
-
-        first = threading.Thread(target=client)
-        first.start()
+        first = get_in_thread(proxy, bodies)
         wait_until(lambda: proxy.counts()["stall"] == 1, 10, "the first stall to begin", 0.02)
         proxy.release_stalls()
         first.join(10)
         assert bodies == [bytes(range(256)) * 400]
 
-        second = threading.Thread(target=client)
-        second.start()
+        second = get_in_thread(proxy, bodies)
         try:
             wait_until(lambda: proxy.counts()["stall"] == 2, 10, "the second stall to begin", 0.02)
             second.join(0.5)  # a stall that began after the release is still held

@@ -241,6 +241,23 @@ def test_a_key_file_with_short_keys_is_refused(tmp_path: Path) -> None:
 # The server ---------------------------------------------------------------------------------
 
 
+def exchange(
+    server: PeerServer | FaultProxy,
+    method: str,
+    target: str,
+    headers: dict[str, str],
+    body: bytes | None = None,
+) -> tuple[int, bytes]:
+    """One request to the peer server on a connection of its own: status and body."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request(method, target, body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
 def get(
     server: PeerServer,
     keys: PeerKeys | None,
@@ -258,13 +275,7 @@ def get(
     headers = {"Range": byte_range} if byte_range else {}
     if keys is not None:
         headers["Authorization"] = keys.sign("node-2", target, byte_range)
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-    try:
-        conn.request("GET", target, headers=headers)
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
+    return exchange(server, "GET", target, headers)
 
 
 def test_the_server_serves_ranges_of_ready_files_to_signed_requests(
@@ -327,13 +338,7 @@ def post(
         headers["Authorization"] = keys.sign("node-2", target, "", body=listed)
     if declared is not None:
         headers["Content-Length"], body = str(declared), b""
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-    try:
-        conn.request("POST", target, body=body, headers=headers)
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
+    return exchange(server, "POST", target, headers, body)
 
 
 def test_the_server_sends_a_batch_of_whole_files_back_to_back(
