@@ -72,6 +72,8 @@ from datacache.v1 import datacache_pb2 as pb
 from datacache.v1 import datacache_pb2_grpc as pb_grpc
 
 GIB = 1 << 30
+SLOW_CALL_SECONDS = 0.020
+"""Calls at least this slow are listed with when they were due (the p99 target)."""
 ZONE = "topology.kubernetes.io/zone"
 DIGEST = "sha256:" + "b" * 64
 _PASS = re.compile(r"Reconcile pass took (\d+\.\d+) s(?: \((.*)\))?")
@@ -95,6 +97,15 @@ class ReportPhase:
     busy all along)."""
     client_cpu: float = 0.0
     """This process's CPU time during the phase, in cores."""
+    steal_cores: float = 0.0
+    """CPU time the hypervisor gave to other machines while this one wanted it (steal, from
+    /proc/stat), in cores: the machine had that much less than its two cores."""
+    client_lag_max_ms: float = 0.0
+    """The longest this process's event loop was late (a 5 ms sleep that took longer): calls
+    that were due then were started, or their answers seen, that much late."""
+    slow_calls: list[tuple[float, float]] = field(default_factory=list)
+    """(seconds into the phase, latency ms) of every call that took 20 ms or more (at most
+    50)."""
 
 
 @dataclass
@@ -261,6 +272,7 @@ async def send_reports(
     latencies: list[float] = []
     phase = ReportPhase(sent=count)
     cpu_before, client_before = cpu_seconds(pid), time.process_time()
+    steal_before = steal_seconds()
     gc_started = 0.0
 
     def gc_pauses(event: str, info: dict[str, int]) -> None:
@@ -279,11 +291,24 @@ async def send_reports(
 
     triggers = asyncio.create_task(trigger_passes()) if pass_every > 0 else None
 
-    async def one(i: int) -> None:
+    async def watch_lag() -> None:
+        while True:
+            due = time.perf_counter() + 0.005
+            await asyncio.sleep(0.005)
+            late = 1000 * (time.perf_counter() - due)
+            phase.client_lag_max_ms = max(phase.client_lag_max_ms, round(late, 1))
+
+    lag = asyncio.create_task(watch_lag())
+
+    async def one(i: int, due: float) -> None:
         try:
-            latencies.append(await sim.report(i))
+            latency = await sim.report(i)
         except grpc.aio.AioRpcError:
             phase.errors += 1
+            return
+        latencies.append(latency)
+        if latency >= SLOW_CALL_SECONDS and len(phase.slow_calls) < 50:
+            phase.slow_calls.append((round(due, 2), round(1000 * latency, 1)))
 
     # Only calls in flight are kept: thousands of finished tasks would make this process's
     # garbage collections (which count as latency) longer.
@@ -294,16 +319,18 @@ async def send_reports(
         delay = begin + k / rate - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        task = asyncio.create_task(one((first + k) % len(sim.names)))
+        task = asyncio.create_task(one((first + k) % len(sim.names), k / rate))
         pending.add(task)
         task.add_done_callback(pending.discard)
     while pending:
         await asyncio.gather(*pending)
-    if triggers is not None:
-        triggers.cancel()
-        await asyncio.gather(triggers, return_exceptions=True)
+    for helper in (triggers, lag):
+        if helper is not None:
+            helper.cancel()
+            await asyncio.gather(helper, return_exceptions=True)
     gc.callbacks.remove(gc_pauses)
     elapsed = phase.seconds = time.perf_counter() - begin
+    phase.steal_cores = round((steal_seconds() - steal_before) / elapsed, 2)
     phase.rate_achieved = count / elapsed
     phase.coordinator_cpu = round((cpu_seconds(pid) - cpu_before) / elapsed, 2)
     phase.client_cpu = round((time.process_time() - client_before) / elapsed, 2)
@@ -313,6 +340,12 @@ async def send_reports(
         phase.p99_ms = 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
         phase.max_ms = 1000 * ordered[-1]
     return phase
+
+
+def steal_seconds() -> float:
+    """CPU time stolen from this machine by the hypervisor since boot, seconds."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK")
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -351,12 +384,17 @@ def cpu_seconds(pid: int) -> float:
 
 def passes(log: Path, since: float) -> list[tuple[float, str]]:
     """(duration, what it recomputed) of every reconcile pass logged since `since`."""
+    return [(seconds, what) for _, seconds, what in timed_passes(log, since)]
+
+
+def timed_passes(log: Path, since: float) -> list[tuple[float, float, str]]:
+    """The same with when each pass ended (Unix time, seconds) first."""
     out = []
     for line in log.read_text().splitlines():
         record = json.loads(line)
         match = _PASS.search(record.get("msg", ""))
         if match and record["ts"] >= since:
-            out.append((float(match.group(1)), match.group(2) or ""))
+            out.append((record["ts"], float(match.group(1)), match.group(2) or ""))
     return out
 
 
@@ -453,9 +491,13 @@ async def run(args: argparse.Namespace, cluster: LocalCluster) -> Results:
             first=args.nodes + settle_count,
             pass_every=args.pass_every,
         )
-        steady = passes(log, reports_at)
-        results.pass_seconds_steady = [round(seconds, 3) for seconds, _ in steady]
-        results.passes_steady = [f"{seconds:.3f} s: {what}" for seconds, what in steady]
+        steady = timed_passes(log, reports_at)
+        results.pass_seconds_steady = [round(seconds, 3) for _, seconds, _ in steady]
+        results.passes_steady = [
+            f"{ended - results.steady.started_at - seconds:.2f}-"
+            f"{ended - results.steady.started_at:.2f} s into the phase, {seconds:.3f} s: {what}"
+            for ended, seconds, what in steady
+        ]
         status = proc_status(pid)
         results.rss_peak_mib = status["VmHWM"] / (1 << 20)
         results.rss_end_mib = status["VmRSS"] / (1 << 20)

@@ -127,12 +127,12 @@ class KubernetesNodeLabeler:
             f"{last_error.status if last_error else '?'}"
         ) from last_error
 
-    async def labelled_nodes(self) -> dict[str, dict[str, str]]:
+    async def labelled_nodes(self) -> dict[str, Mapping[str, str]]:
         try:
             nodes = await asyncio.to_thread(self._api.list_node)
         except ApiException as exc:
             raise LabelerError(f"listing nodes failed: {exc.status} {exc.reason}") from exc
-        out: dict[str, dict[str, str]] = {}
+        out: dict[str, Mapping[str, str]] = {}
         for obj in nodes.items:
             labels, annotations, _ = _metadata(obj)
             if OWNED_LABELS_ANNOTATION in annotations:

@@ -24,8 +24,8 @@ class NodeLabeler(Protocol):
         the node does not exist)."""
         ...
 
-    async def labelled_nodes(self) -> dict[str, dict[str, str]]:
-        """Every node carrying datacache labels, with those labels."""
+    async def labelled_nodes(self) -> dict[str, Mapping[str, str]]:
+        """Every node carrying datacache labels, with those labels (not to be changed)."""
         ...
 
 
@@ -44,5 +44,5 @@ class LocalNodeLabeler:
         self._store.set_local_labels(node, desired)
         return True
 
-    async def labelled_nodes(self) -> dict[str, dict[str, str]]:
-        return {n: labels for n, labels in self._store.local_labels().items() if labels}
+    async def labelled_nodes(self) -> dict[str, Mapping[str, str]]:
+        return self._store.labelled_local_nodes()

@@ -33,6 +33,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -140,6 +142,9 @@ class Reconciler:
         self._last_seen = {
             a.node_name: held - max(0.0, wall - a.last_seen) for a in store.list_agents()
         }
+        self._live: tuple[frozenset[str], float] | None = None
+        """The live nodes and their oldest renewal (see `live_nodes`)."""
+        self._live_lock = threading.Lock()
         self._hashes = store.status_hashes()
         self._problems: dict[str, str] = {}
         self._peer_addresses: dict[str, str] = {}
@@ -246,10 +251,18 @@ class Reconciler:
         """Renews `node`'s lease."""
         self._last_seen[node] = self._lease_clock()
         self._called = time.perf_counter()
+        live = self._live
+        if live is None or node not in live[0]:
+            # A node joins the live set: the cached one is out of date (the lock waits for a
+            # computation in another thread, which may not have seen this renewal).
+            with self._live_lock:
+                self._live = None
 
     def forget(self, node: str) -> None:
         self._last_seen.pop(node, None)
         self._peer_addresses.pop(node, None)
+        with self._live_lock:
+            self._live = None
 
     def set_peer_address(self, node: str, address: str) -> None:
         """Where `node`'s agent serves peers; '' when it serves none."""
@@ -264,9 +277,19 @@ class Reconciler:
 
     def live_nodes(self) -> set[str]:
         """Nodes whose agent holds a lease. Safe to call from another thread (the metrics
-        scrape): it iterates a copy."""
+        scrape).
+
+        The set is kept until the oldest lease in it could expire: renewals only move
+        expiries later, and a node joins the set only through `seen`, which drops it. At
+        5,000 agents that saves the event loop a 1-8 ms scan of every lease in each pass."""
         cutoff = self._lease_clock() - self._settings.lease_seconds
-        return {n for n, seen in list(self._last_seen.items()) if seen >= cutoff}
+        with self._live_lock:
+            live = self._live
+            if live is None or live[1] < cutoff:
+                held = [(n, seen) for n, seen in list(self._last_seen.items()) if seen >= cutoff]
+                oldest = min((seen for _, seen in held), default=math.inf)
+                live = self._live = (frozenset(n for n, _ in held), oldest)
+        return set(live[0])
 
     def node_facts(self) -> dict[str, NodeFacts]:
         """What the cluster says about its nodes (empty in local mode)."""
@@ -368,6 +391,7 @@ class Reconciler:
             self._collector.hold()
             try:
                 await self._pass(force, started)
+                await self._pause()  # the collection at release holds the loop too
             finally:
                 self._collector.release()
 
@@ -505,6 +529,11 @@ class Reconciler:
         it for every item and `_breathe` only when it says so)."""
         return time.perf_counter() - self._breath > BREATHE_SECONDS
 
+    async def _pause(self) -> None:
+        """Breathes if the pass held the event loop long enough."""
+        if self._tired():
+            await self._breathe()
+
     async def _breathe(self) -> None:
         """Lets agents' calls in: while agents are calling, with a short wait for I/O.
 
@@ -567,20 +596,18 @@ class Reconciler:
             now,
         )
 
+        await self._pause()
         targets, prefer = self._demand_targets(datasets, nodes, current, now)
-        if self._tired():
-            await self._breathe()
+        await self._pause()
         wants = await self._wants(datasets, targets, sizes, prefer)
-        if self._tired():
-            await self._breathe()
+        await self._pause()
         placement = await self._place(wants, nodes, current, facts, frozenset(cooldown))
-
+        await self._pause()
         labelled = {
             d: facts[d].serving & ns if d in facts else frozenset() for d, ns in placement.items()
         }
         desired_labels = self._label_index.update(labelled)
-        if self._tired():
-            await self._breathe()
+        await self._pause()
         failed_nodes = await self._apply_labels(desired_labels, current)
         self._last_labels = (desired_labels, dict(current))
         self._last_live = set(live)
@@ -603,8 +630,7 @@ class Reconciler:
             )
             log.info("Placement changed: %d assignments added or removed", moved)
 
-        if self._tired():
-            await self._breathe()
+        await self._pause()
         credentials = await self._resolve_credentials(datasets)
         await self._publish_desired(datasets, nodes, live, fixed, facts, final, credentials)
 
@@ -676,7 +702,7 @@ class Reconciler:
         if self._placement is not None and self._placement[0] == inputs:
             return self._placement[1]
         placement = await self._placer.place(
-            wants, nodes, current, ready, holding, on_disk_by_dataset, cooldown
+            wants, nodes, current, ready, holding, on_disk_by_dataset, cooldown, self._pause
         )
         self.stats.placed = True
         self._placement = (inputs, placement)
@@ -885,12 +911,14 @@ class Reconciler:
             log.warning("Could not list labelled nodes: %s", exc)
             return set(desired).union(*current.values())
         failed: set[str] = set()
-        for node in sorted(set(desired) | set(labelled)):
+        differ = []
+        for node in desired.keys() | labelled.keys():
             if self._tired():
                 await self._breathe()
+            if labelled.get(node, {}) != desired.get(node, {}):
+                differ.append(node)
+        for node in sorted(differ):
             want = desired.get(node, {})
-            if labelled.get(node, {}) == want:
-                continue
             # Let agents' calls in between label writes (many nodes change at once when a
             # large dataset becomes Ready).
             await asyncio.sleep(0)

@@ -311,7 +311,7 @@ class NodeService(pb_grpc.NodeServiceServicer):
     async def ListNodes(
         self, request: pb.ListNodesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListNodesResponse:
-        labels: Mapping[str, dict[str, str]] = await self._labeler.labelled_nodes()
+        labels: Mapping[str, Mapping[str, str]] = await self._labeler.labelled_nodes()
         live = self._reconciler.live_nodes()
         agents = {a.node_name: a for a in self._store.list_agents()}
         facts = self._reconciler.node_facts()

@@ -981,11 +981,16 @@ class Store:
     # Local labels ---------------------------------------------------------------------------
 
     def local_labels(self) -> dict[str, dict[str, str]]:
-        return {n: labels.copy() for n, labels in sorted(self._cached().labels.items())}
+        return {n: dict(labels) for n, labels in sorted(self._cached().labels.items())}
+
+    def labelled_local_nodes(self) -> dict[str, Mapping[str, str]]:
+        """Every node with local labels, with read-only views of them (a snapshot; no copy of
+        each node's labels, which at 5,000 nodes would cost a pass 3-4 ms)."""
+        return dict(self._cached().labels)
 
     def local_labels_of(self, node_name: str) -> dict[str, str]:
         labels = self._cached().labels.get(node_name)
-        return labels.copy() if labels is not None else {}
+        return dict(labels) if labels is not None else {}
 
     def set_local_labels(self, node_name: str, labels: Mapping[str, str]) -> None:
         with self._transaction(durable=False) as db:

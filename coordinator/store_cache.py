@@ -37,9 +37,8 @@ class StoreCache:
         self.by_node: dict[str, Mapping[str, ReplicaReport]] = {}
         """Reports by node, then dataset; nodes without reports are absent."""
         self.versions: dict[tuple[str, int], VersionRecord] = {}
-        self.labels: dict[str, dict[str, str]] = {}
-        """Local labels by node; nodes without labels are absent. Never handed out: the
-        store gives copies."""
+        self.labels: dict[str, Mapping[str, str]] = {}
+        """Local labels by node (read-only views); nodes without labels are absent."""
 
     # Datasets and versions --------------------------------------------------------------------
 
@@ -114,7 +113,7 @@ class StoreCache:
 
     def put_labels(self, node: str, labels: Mapping[str, str]) -> None:
         if labels:
-            self.labels[node] = dict(labels)
+            self.labels[node] = MappingProxyType(dict(labels))
         else:
             self.labels.pop(node, None)
 

@@ -793,3 +793,27 @@ def test_node_views_are_built_again_only_when_their_inputs_change() -> None:
     facts = views.demand_facts({"n1": from_cluster}, {})
     assert facts["n1"] == NodeFacts("n1", labels={ZONE: "b"}, taints=fact.taints)
     assert dict(views.demand_facts({"n1": from_cluster}, {"n1": fact})) == {"n1": fact}
+
+
+def test_the_kept_live_set_equals_the_leases_at_every_moment(store: Store) -> None:
+    world = World(store, seed=11)
+    reconciler = world.reconciler
+    rng = random.Random(5)
+    names = [f"node-{i}" for i in range(12)]
+    seen: dict[str, float] = {}
+    for step in range(2_000):
+        action = rng.random()
+        node = rng.choice(names)
+        if action < 0.45:
+            reconciler.seen(node)
+            seen[node] = world.clock.now
+        elif action < 0.5:
+            reconciler.forget(node)
+            seen.pop(node, None)
+        else:
+            # Steps that land exactly on a lease's end happen too (30 s = 6 x 5 s).
+            world.clock.now += rng.choice([0.0, 1.0, 5.0, 29.0])
+        cutoff = world.clock.now - world.settings.lease_seconds
+        expected = {n for n, at in seen.items() if at >= cutoff}
+        assert reconciler.live_nodes() == expected, f"step {step}"
+        assert all(reconciler.is_live(n) == (n in expected) for n in names)
