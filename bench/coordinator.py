@@ -26,7 +26,10 @@ Steps (in a temporary directory, removed at exit):
        registers again, which triggers a full reconcile pass (without it, a steady phase
        might see no pass at all: steady reports trigger none, and the forced full pass comes
        only every 60 s);
-     latencies are measured at the client;
+     latencies are measured at the client, and each phase records what else could have
+     delayed a call: CPU time the hypervisor stole from this machine (/proc/stat), the
+     longest this process's own event loop was late, and every call of 20 ms or more with
+     when it was due (to set against the passes, whose times into the phase are listed);
   5. read the coordinator's peak and current RSS (VmHWM, VmRSS; its placement worker's
      apart), its CPU time per phase and in all, and its reconcile passes (duration and what
      each recomputed) from its log;
@@ -66,6 +69,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+
+# bench/transfer.py, beside this script (sys.path[0]).
+from transfer import steal_seconds
 
 from datacache.localcluster import LocalCluster
 from datacache.v1 import datacache_pb2 as pb
@@ -340,12 +346,6 @@ async def send_reports(
         phase.p99_ms = 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
         phase.max_ms = 1000 * ordered[-1]
     return phase
-
-
-def steal_seconds() -> float:
-    """CPU time stolen from this machine by the hypervisor since boot, seconds."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-    return int(fields[8]) / os.sysconf("SC_CLK_TCK")
 
 
 def proc_status(pid: int) -> dict[str, int]:

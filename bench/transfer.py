@@ -169,6 +169,9 @@ class Run:
     script: other people's processes and the kernel's own threads (writeback, reclaim)."""
     busy_cores_before: float = -1.0
     """Cores busy in the second before the run started (-1: not measured)."""
+    steal_seconds: float = 0.0
+    """CPU time the hypervisor gave to other machines while this one wanted it, during the
+    run (part of `other_cpu_seconds`): the run had that much less than the machine's cores."""
     agent_sources: str = ""
     """Digest of agent/*.py when an agent run started (others may edit it meanwhile)."""
     agent_seconds: float | None = None
@@ -266,6 +269,12 @@ def machine_busy_seconds() -> float:
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def steal_seconds() -> float:
+    """CPU time stolen from this machine by the hypervisor since boot, from /proc/stat."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_until_quiet(max_wait: float, busy_cores: float = 0.15, window: float = 1.0) -> float:
@@ -382,6 +391,7 @@ def run_tool(
     server_before = server_cpu_seconds(ctx.server_pid)
     sources = _agent_digest() if tool.startswith("agent") else ""
     machine_before, self_before = machine_busy_seconds(), _self_cpu_seconds()
+    steal_before = steal_seconds()
     child = spawn(ctx, [*ctx.prefix_argv, *argv])
     seconds = child.seconds
     if tool.endswith("-fsync") and not tool.startswith("agent") and child.returncode == 0:
@@ -403,6 +413,7 @@ def run_tool(
         server_cpu_seconds=server,
         other_cpu_seconds=max(0.0, machine - server - own),
         busy_cores_before=idle_before,
+        steal_seconds=steal_seconds() - steal_before,
     )
     try:
         if child.returncode != 0:
@@ -681,8 +692,8 @@ def tool_table(
     lines = [
         f"({workload.name}) {workload.title}, {workload.total_bytes:,} bytes",
         "| tool | median s | MB/s | min-max s | agent's own s | peak RSS MiB "
-        "| CPU user+sys s | server CPU s | other CPU s | runs |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| CPU user+sys s | server CPU s | other CPU s | steal s | runs |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     medians: dict[str, float] = {}
     for tool in tools:
@@ -701,6 +712,7 @@ def tool_table(
             f"{median(r.user_seconds + r.system_seconds for r in rs):.2f}",
             f"{median(r.server_cpu_seconds for r in rs):.2f}",
             f"{median(r.other_cpu_seconds for r in rs):.2f}",
+            f"{median(r.steal_seconds for r in rs):.2f}",
             str(len(rs)),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -773,7 +785,7 @@ def _run_line(run: Run) -> str:
         f"rss {run.max_rss_kib / 1024:6.0f} MiB "
         f"cpu {run.user_seconds + run.system_seconds:6.2f} s "
         f"server cpu {run.server_cpu_seconds:6.2f} s "
-        f"other cpu {run.other_cpu_seconds:5.2f} s "
+        f"other cpu {run.other_cpu_seconds:5.2f} s (steal {run.steal_seconds:4.2f}) "
         f"(busy before {run.busy_cores_before:.2f})"
         + (f" verification {run.verification}" if run.verification else "")
         + (f" ERROR {run.error}" if run.error else "")
