@@ -48,6 +48,8 @@ class NodeFacts:
     """status.allocatable["ephemeral-storage"], bytes; None when unknown."""
     extended_resources: Mapping[str, int] = field(default_factory=dict)
     """Allocatable countable resources with a domain prefix (e.g. nvidia.com/gpu: 8)."""
+    owned_labels: Mapping[str, str] = field(default_factory=dict)
+    """The labels datacache set on the node (those its owned-labels annotation names)."""
 
     @property
     def zone(self) -> str:

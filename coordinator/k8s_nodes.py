@@ -24,6 +24,7 @@ from kubernetes.utils import parse_quantity
 
 from coordinator.cluster import NodeDirectory, NodeFacts, Taint
 from coordinator.k8s_listwatch import ListWatch, ListWatchSettings, Obj
+from coordinator.labels import owned_labels
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +83,13 @@ def node_facts(obj: Mapping[str, Any]) -> NodeFacts:
             count = parse_bytes(str(quantity))
             if count is not None:
                 extended[str(resource)] = count
+    labels = {str(k): str(v) for k, v in (meta.get("labels") or {}).items()}
+    annotations = {str(k): str(v) for k, v in (meta.get("annotations") or {}).items()}
     return NodeFacts(
         name=name,
         uid=str(meta.get("uid", "")),
-        labels={str(k): str(v) for k, v in (meta.get("labels") or {}).items()},
+        labels=labels,
+        owned_labels=owned_labels(labels, annotations) if annotations else {},
         taints=taints,
         unschedulable=spec.get("unschedulable") is True,
         allocatable_bytes=allocatable_bytes,

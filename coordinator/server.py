@@ -93,7 +93,8 @@ def cluster_parts(
     credentials = KubernetesCredentialsProvider(
         apis.core, SecretSettings(namespace=settings.namespace)
     )
-    return ClusterParts(KubernetesNodeLabeler(apis.core), events, credentials, apis, [watch.stop])
+    labeler = KubernetesNodeLabeler(apis.core, directory)
+    return ClusterParts(labeler, events, credentials, apis, [watch.stop])
 
 
 def _identity(settings: CoordinatorSettings) -> str:
