@@ -48,7 +48,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _env(name: str) -> str:
-    return f"DATACACHE_{name.upper().replace('-', '_')}"
+    return f"DATACACHE_{name.split('/')[0].upper().replace('-', '_')}"
 
 
 def option(name: str, **kwargs: Any) -> Callable[[F], F]:
@@ -99,6 +99,12 @@ def transfer_options(fn: F) -> F:
             "fsync/--no-fsync",
             default=_FETCH.fsync,
             help="fsync every file and directory before publishing.",
+        ),
+        option(
+            "drop-behind/--no-drop-behind",
+            default=_FETCH.drop_behind,
+            help="With fsync: write finished ranges to disk as the copy goes and drop them "
+            "from the page cache (the copy then holds about concurrency x part size of it).",
         ),
         option(
             "log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info"
@@ -210,6 +216,7 @@ def _fetch_settings(kwargs: dict[str, Any]) -> FetchSettings:
         part_bytes=kwargs["part_bytes"],
         multipart_threshold_bytes=kwargs["multipart_threshold_bytes"],
         fsync=kwargs["fsync"],
+        drop_behind=kwargs["drop_behind"],
     )
 
 

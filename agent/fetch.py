@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent import checksums, metrics
+from agent import checksums, metrics, pagecache
 from agent.checksums import CompositeChecksum, ObjectChecksum
 from agent.errors import (
     AgentError,
@@ -126,6 +126,11 @@ class FetchSettings:
     fsync: bool = True
     """fsync every file and directory before the copy counts as done. Off only for
     benchmarks and throw-away copies."""
+    drop_behind: bool = True
+    """With fsync on, write each finished range and file to disk as the copy goes and drop it
+    from the page cache (`agent.pagecache`): the copy holds at most about concurrency x
+    part_bytes of page cache instead of the whole dataset, and leaves the rest of the page
+    cache to the node's jobs. Off: fetched files stay cached until the kernel evicts them."""
 
 
 @dataclass
@@ -704,6 +709,8 @@ class _Engine:
             found[:] = [self._copy(job, obj, offset, length)[0]]
 
         self._with_retries(f"reading {obj.key!r} bytes {offset}+{length}", attempt)
+        if self.settings.fsync and self.settings.drop_behind:
+            pagecache.write_out_and_drop(job.fd(), offset, length)
         self.progress.add(nbytes=length)
         if self.journal is not None:
             record = RangeRecord(obj.etag, obj.size, offset, length, f"{found[0].crc64:016x}")
@@ -761,6 +768,8 @@ class _Engine:
             method = self.verify(job, fd, crc)
             if self.settings.fsync:
                 os.fsync(fd)
+                if self.settings.drop_behind:
+                    pagecache.drop(fd)
         except VerificationError:
             if not keep_open_on_error:
                 job.close()

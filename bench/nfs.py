@@ -137,6 +137,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--nfs-version", choices=("3", "4"), default="3")
     parser.add_argument("--quiet-wait", type=float, default=60.0, metavar="SECONDS")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=8.0,
+        metavar="SECONDS",
+        help="start each run this long after the previous run's output was deleted (see "
+        "bench/transfer.py)",
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="parent of the temp dir")
     parser.add_argument("--json", type=Path, default=None, help="write every run here")
     args = parser.parse_args(argv)
@@ -168,6 +176,7 @@ def main(argv: list[str]) -> int:
                 env=dict(os.environ),
                 drop_caches=False,
                 quiet_wait=args.quiet_wait,
+                settle_seconds=args.settle,
             )
             uri = server.uri()
             print(f"server: nfs-ganesha at {uri} (NFSv{args.nfs_version})", flush=True)

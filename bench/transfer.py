@@ -22,6 +22,14 @@ cached, as the server is not what is measured) unless --drop-caches asks to drop
 every run. Before each run the script waits (up to --quiet-wait seconds) until the machine is
 idle, and it records the CPU time other processes used during the run.
 
+Every run also starts --settle seconds (default 8) after the previous run's output was
+deleted, so that each tool finds the machine's free memory in the same state. On a VM whose
+hypervisor takes free memory back (virtio-balloon free page reporting) memory freed a few
+seconds ago is no longer backed, and touching it again costs the guest's kernel about 13 us
+per 4 KiB page: here `dd` wrote 1 GiB (256 KiB blocks) into the page cache in 0.25-0.45 s
+right after 1 GiB had been freed and in 3.6-3.9 s after 6 s idle. Without the wait a run's
+time depended on how long after the previous run it started.
+
 Measured per run: wall time of the command (including process start-up); peak RSS of the
 tool's process, from its VmHWM in /proc polled every 10 ms; its CPU time, from wait4; the
 server's CPU time, from /proc/PID/stat. Each copy is checked file by file (set of paths,
@@ -201,6 +209,7 @@ class Context:
     env: dict[str, str]
     drop_caches: bool
     quiet_wait: float
+    settle_seconds: float = 0.0
     prefix_argv: list[str] = field(default_factory=list)
 
 
@@ -383,6 +392,8 @@ def run_tool(
     dest = ctx.workdir / "dest"
     shutil.rmtree(dest, ignore_errors=True)
     os.sync()
+    # Not synchronisation: the fixed state of free memory every run starts from (docstring).
+    time.sleep(ctx.settle_seconds)
     if ctx.drop_caches:
         _DROP_CACHES.write_text("1\n")
     dest.mkdir()
@@ -636,6 +647,7 @@ def machine_facts(ctx: Context) -> dict[str, str]:
         "s5cmd": s5.stdout.strip(),
         "seaweedfs": weed.stdout.strip().splitlines()[0] if weed.stdout.strip() else "?",
         "page cache dropped between runs": "yes" if ctx.drop_caches else "no",
+        "wait after the previous run's output was deleted": f"{ctx.settle_seconds:g} s",
     }
 
 
@@ -822,6 +834,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="before each run, wait up to this long for other processes to go quiet (0: don't)",
     )
     parser.add_argument(
+        "--settle",
+        type=float,
+        default=8.0,
+        metavar="SECONDS",
+        help="start each run this long after the previous run's output was deleted (the "
+        "state of free memory; see the docstring)",
+    )
+    parser.add_argument(
         "--busy-retries",
         type=int,
         default=3,
@@ -871,6 +891,7 @@ def main(argv: list[str]) -> int:
             env={**os.environ, **DEMO_CREDENTIALS, "AWS_EC2_METADATA_DISABLED": "true"},
             drop_caches=drop,
             quiet_wait=args.quiet_wait,
+            settle_seconds=args.settle,
         )
         facts = machine_facts(ctx)
         for name, value in facts.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,6 +31,7 @@ from agent.store import CacheStore
 from datacache.localcluster import DEMO_CREDENTIALS, LocalCluster, wait_until
 from datacache.localcluster import s3_client as admin_client
 from tests.faultproxy import Fault, FaultProxy, Rule
+from tests.residency import resident_pages
 
 SMALL_PARTS = FetchSettings(concurrency=4, part_bytes=1 << 20, multipart_threshold_bytes=1 << 20)
 
@@ -103,6 +105,30 @@ def test_copies_small_and_ranged_files_and_verifies(
     assert by_path["multi.bin"].verified == "md5-multipart"
     assert progress.files_done == progress.files_total == len(data)
     assert progress.bytes_done == progress.bytes_total == sum(map(len, data.values()))
+
+
+@pytest.mark.parametrize("drop_behind", [True, False])
+def test_a_copy_with_fsync_leaves_the_page_cache_unless_told_not_to(
+    s3_server: LocalCluster, bucket: str, tmp_path: Path, drop_behind: bool
+) -> None:
+    client = admin_client(s3_server.s3_endpoint)
+    data = {"big.bin": os.urandom(5 * (1 << 20) + 7), "small.bin": os.urandom(100_000)}
+    for key, body in data.items():
+        client.put_object(Bucket=bucket, Key=f"ds/{key}", Body=body)
+    src = source(s3_server.s3_endpoint, f"s3://{bucket}/ds/")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    settings = dataclasses.replace(SMALL_PARTS, drop_behind=drop_behind)
+    files = plan(list(src.list()))[0]
+    entries = fetch_into(src, files, dest, settings, Progress(), threading.Event())
+    assert sorted(e.path for e in entries) == sorted(data)
+    page = os.sysconf("SC_PAGE_SIZE")
+    resident = {key: resident_pages(dest / key) for key in data}
+    if drop_behind:
+        assert resident == {key: 0 for key in data}
+    else:
+        assert resident == {key: -(-len(body) // page) for key, body in data.items()}
+    assert {key: (dest / key).read_bytes() for key in data} == data
 
 
 def test_object_changed_mid_copy_is_restarted_never_mixed(

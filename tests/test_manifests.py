@@ -470,6 +470,14 @@ def test_envvar_names_follow_click() -> None:
     assert "DATACACHE_VERSION" not in envvar_names(AGENT_RUN)
 
 
+def test_every_environment_variable_is_a_name_a_shell_can_set() -> None:
+    for command in COMMANDS.values():
+        for name in envvar_names(command):
+            assert re.fullmatch(r"DATACACHE_[A-Z0-9_]+", name), name
+    # An on/off flag is named after its "on" form.
+    assert {"DATACACHE_FSYNC", "DATACACHE_DROP_BEHIND"} <= envvar_names(AGENT_RUN)
+
+
 def test_agent_container_runs_the_run_subcommand() -> None:
     for image, _, container in containers_by_command():
         if image == "datacache-agent":
