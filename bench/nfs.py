@@ -137,6 +137,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--nfs-version", choices=("3", "4"), default="3")
     parser.add_argument("--quiet-wait", type=float, default=60.0, metavar="SECONDS")
+    parser.add_argument("--memory", choices=["cold", "hot"], default="cold", help="see transfer.py")
     parser.add_argument(
         "--settle",
         type=float,
@@ -177,6 +178,7 @@ def main(argv: list[str]) -> int:
                 drop_caches=False,
                 quiet_wait=args.quiet_wait,
                 settle_seconds=args.settle,
+                memory=args.memory,
             )
             uri = server.uri()
             print(f"server: nfs-ganesha at {uri} (NFSv{args.nfs_version})", flush=True)

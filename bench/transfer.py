@@ -22,13 +22,15 @@ cached, as the server is not what is measured) unless --drop-caches asks to drop
 every run. Before each run the script waits (up to --quiet-wait seconds) until the machine is
 idle, and it records the CPU time other processes used during the run.
 
-Every run also starts --settle seconds (default 8) after the previous run's output was
-deleted, so that each tool finds the machine's free memory in the same state. On a VM whose
+Every run starts from the same state of the machine's free memory (--memory). On a VM whose
 hypervisor takes free memory back (virtio-balloon free page reporting) memory freed a few
 seconds ago is no longer backed, and touching it again costs the guest's kernel about 13 us
 per 4 KiB page: here `dd` wrote 1 GiB (256 KiB blocks) into the page cache in 0.25-0.45 s
-right after 1 GiB had been freed and in 3.6-3.9 s after 6 s idle. Without the wait a run's
-time depended on how long after the previous run it started.
+right after 1 GiB had been freed and in 3.6-3.9 s after 6 s idle. Left to chance, a run's
+time depended on how long after the previous run it started. --memory cold (the default)
+starts each run --settle seconds (8) after the previous run's output was deleted; --memory hot
+touches the workload's size plus 256 MiB of fresh memory and frees it just before each run
+(what a machine without free page reporting always has).
 
 Measured per run: wall time of the command (including process start-up); peak RSS of the
 tool's process, from its VmHWM in /proc polled every 10 ms; its CPU time, from wait4; the
@@ -45,6 +47,7 @@ import contextlib
 import hashlib
 import importlib.metadata
 import json
+import mmap
 import os
 import platform
 import random
@@ -210,6 +213,8 @@ class Context:
     drop_caches: bool
     quiet_wait: float
     settle_seconds: float = 0.0
+    memory: str = "cold"
+    """"cold": wait `settle_seconds` before each run; "hot": free just-touched memory first."""
     prefix_argv: list[str] = field(default_factory=list)
 
 
@@ -278,6 +283,14 @@ def machine_busy_seconds() -> float:
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def warm_memory(nbytes: int) -> None:
+    """Touches `nbytes` of fresh anonymous memory and frees it: a run started right after finds
+    that much memory just freed, still backed by the host."""
+    with mmap.mmap(-1, nbytes) as scratch:
+        for offset in range(0, nbytes, mmap.PAGESIZE):
+            scratch[offset] = 1
 
 
 def steal_seconds() -> float:
@@ -392,13 +405,16 @@ def run_tool(
     dest = ctx.workdir / "dest"
     shutil.rmtree(dest, ignore_errors=True)
     os.sync()
-    # Not synchronisation: the fixed state of free memory every run starts from (docstring).
-    time.sleep(ctx.settle_seconds)
+    if ctx.memory == "cold":
+        # Not synchronisation: the fixed state of free memory every run starts from.
+        time.sleep(ctx.settle_seconds)
     if ctx.drop_caches:
         _DROP_CACHES.write_text("1\n")
     dest.mkdir()
     argv = argv_for(dest) if argv_for is not None else tool_argv(ctx, tool, workload, dest)
     idle_before = wait_until_quiet(ctx.quiet_wait) if ctx.quiet_wait > 0 else -1.0
+    if ctx.memory == "hot":
+        warm_memory(workload.total_bytes + (256 << 20))
     server_before = server_cpu_seconds(ctx.server_pid)
     sources = _agent_digest() if tool.startswith("agent") else ""
     machine_before, self_before = machine_busy_seconds(), _self_cpu_seconds()
@@ -647,7 +663,11 @@ def machine_facts(ctx: Context) -> dict[str, str]:
         "s5cmd": s5.stdout.strip(),
         "seaweedfs": weed.stdout.strip().splitlines()[0] if weed.stdout.strip() else "?",
         "page cache dropped between runs": "yes" if ctx.drop_caches else "no",
-        "wait after the previous run's output was deleted": f"{ctx.settle_seconds:g} s",
+        "free memory at each run's start": (
+            f"cold ({ctx.settle_seconds:g} s after the previous run's output was deleted)"
+            if ctx.memory == "cold"
+            else "hot (the workload's size plus 256 MiB touched and freed just before)"
+        ),
     }
 
 
@@ -834,12 +854,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="before each run, wait up to this long for other processes to go quiet (0: don't)",
     )
     parser.add_argument(
+        "--memory",
+        choices=["cold", "hot"],
+        default="cold",
+        help="the state of free memory each run starts from (see the docstring)",
+    )
+    parser.add_argument(
         "--settle",
         type=float,
         default=8.0,
         metavar="SECONDS",
-        help="start each run this long after the previous run's output was deleted (the "
-        "state of free memory; see the docstring)",
+        help="with --memory cold: start each run this long after the previous run's output "
+        "was deleted",
     )
     parser.add_argument(
         "--busy-retries",
@@ -892,6 +918,7 @@ def main(argv: list[str]) -> int:
             drop_caches=drop,
             quiet_wait=args.quiet_wait,
             settle_seconds=args.settle,
+            memory=args.memory,
         )
         facts = machine_facts(ctx)
         for name, value in facts.items():
