@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from coordinator.cluster import NodeDirectory
-from coordinator.k8s_labeler import KubernetesNodeLabeler, core_api
-from coordinator.k8s_nodes import NodeWatch
-from coordinator.labels import label_key
-from datacache.localcluster import wait_until
-from tests.fakekube import FakeKubeAPI
+# This script's directory holds bench/coordinator.py, which would shadow the package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from coordinator.cluster import NodeDirectory  # noqa: E402
+from coordinator.k8s_labeler import KubernetesNodeLabeler, core_api  # noqa: E402
+from coordinator.k8s_nodes import NodeWatch  # noqa: E402
+from coordinator.labels import label_key  # noqa: E402
+from datacache.localcluster import wait_until  # noqa: E402
+from tests.fakekube import FakeKubeAPI  # noqa: E402
 
 
 def timed(labeler: KubernetesNodeLabeler, calls: int, expected: int) -> list[tuple[float, float]]:

@@ -137,7 +137,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--nfs-version", choices=("3", "4"), default="3")
     parser.add_argument("--quiet-wait", type=float, default=60.0, metavar="SECONDS")
-    parser.add_argument("--memory", choices=["cold", "hot"], default="cold", help="see transfer.py")
+    parser.add_argument(
+        "--memory", choices=["cold", "touched"], default="cold", help="see bench/transfer.py"
+    )
     parser.add_argument(
         "--settle",
         type=float,

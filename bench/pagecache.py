@@ -4,8 +4,9 @@ without drop-behind (`agent.pagecache`).
     python bench/pagecache.py [--dir DIR] [--mib 1024] [--rounds 3] [--idle 6]
 
 Each round writes a file of MIB MiB in 256 KiB `pwrite`s (the agent's write size) and fsyncs
-it four times: starting right after the previous file was deleted ("hot": that memory was just
-freed) or IDLE seconds later ("cold"), each in two ways:
+it four times: right after the file's size plus 256 MiB of anonymous memory was touched and
+freed ("touched"), or IDLE seconds after the previous file was deleted ("cold"), each in two
+ways:
   plain        pwrite everything, then fsync;
   drop-behind  as each 16 MiB range is written, `pagecache.write_out_and_drop` (write it to
                disk, wait, drop it from the page cache), then fsync.
@@ -21,6 +22,9 @@ import os
 import resource
 import time
 from pathlib import Path
+
+# bench/transfer.py, beside this script (sys.path[0]).
+from transfer import warm_memory
 
 from agent import pagecache
 
@@ -54,18 +58,21 @@ def main() -> None:
     args = parser.parse_args()
     path = args.dir / "datacache-bench-pagecache.bin"
     size = args.mib << 20
-    write(path, size, drop_behind=False)  # something to free before the first hot run
+    path.touch()
     try:
         for round_no in range(1, args.rounds + 1):
-            for memory in ("hot", "cold"):
+            for memory in ("touched", "cold"):
                 for drop_behind in (False, True):
                     path.unlink()
+                    # The state of free memory each run starts from, not synchronisation.
                     if memory == "cold":
-                        time.sleep(args.idle)  # the state of free memory, not synchronisation
+                        time.sleep(args.idle)
+                    else:
+                        warm_memory(size + (256 << 20))
                     wall, system = write(path, size, drop_behind)
                     mode = "drop-behind" if drop_behind else "plain"
                     print(
-                        f"round {round_no} {memory:4s} {mode:11s} {wall:5.2f} s wall "
+                        f"round {round_no} {memory:7s} {mode:11s} {wall:5.2f} s wall "
                         f"{system:5.2f} s system",
                         flush=True,
                     )

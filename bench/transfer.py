@@ -28,15 +28,11 @@ seconds ago is no longer backed, and touching it again costs the guest's kernel 
 per 4 KiB page: here `dd` wrote 1 GiB (256 KiB blocks) into the page cache in 0.25-0.45 s
 right after 1 GiB had been freed and in 3.6-3.9 s after 6 s idle. Left to chance, a run's
 time depended on how long after the previous run it started. --memory cold (the default)
-starts each run --settle seconds (8) after the previous run's output was deleted; --memory hot
-touches the workload's size plus 256 MiB of fresh memory and frees it just before each run
-(what a machine without free page reporting always has).
-
-Measured per run: wall time of the command (including process start-up); peak RSS of the
-tool's process, from its VmHWM in /proc polled every 10 ms; its CPU time, from wait4; the
-server's CPU time, from /proc/PID/stat. Each copy is checked file by file (set of paths,
-sizes, BLAKE2b of the content) and, for the agent, against its JSON summary (file and byte
-counts).
+starts each run --settle seconds (8) after the previous run's output was deleted. --memory
+touched first touches the workload's size plus 256 MiB of fresh anonymous memory and frees it,
+just before each run; that was meant to give every run memory that was just freed, but
+bench/pagecache.py shows page-cache writes after it as slow as after an idle wait, so it is not
+the state of a machine without free page reporting.
 """
 
 from __future__ import annotations
@@ -214,7 +210,7 @@ class Context:
     quiet_wait: float
     settle_seconds: float = 0.0
     memory: str = "cold"
-    """"cold": wait `settle_seconds` before each run; "hot": free just-touched memory first."""
+    """"cold": wait `settle_seconds` before each run; "touched": touch and free memory first."""
     prefix_argv: list[str] = field(default_factory=list)
 
 
@@ -413,7 +409,7 @@ def run_tool(
     dest.mkdir()
     argv = argv_for(dest) if argv_for is not None else tool_argv(ctx, tool, workload, dest)
     idle_before = wait_until_quiet(ctx.quiet_wait) if ctx.quiet_wait > 0 else -1.0
-    if ctx.memory == "hot":
+    if ctx.memory == "touched":
         warm_memory(workload.total_bytes + (256 << 20))
     server_before = server_cpu_seconds(ctx.server_pid)
     sources = _agent_digest() if tool.startswith("agent") else ""
@@ -666,7 +662,7 @@ def machine_facts(ctx: Context) -> dict[str, str]:
         "free memory at each run's start": (
             f"cold ({ctx.settle_seconds:g} s after the previous run's output was deleted)"
             if ctx.memory == "cold"
-            else "hot (the workload's size plus 256 MiB touched and freed just before)"
+            else "touched (the workload's size plus 256 MiB touched and freed just before)"
         ),
     }
 
@@ -855,7 +851,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--memory",
-        choices=["cold", "hot"],
+        choices=["cold", "touched"],
         default="cold",
         help="the state of free memory each run starts from (see the docstring)",
     )
