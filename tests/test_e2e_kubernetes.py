@@ -50,19 +50,21 @@ def test_node_objects_are_labelled_and_cleaned(
     cluster.coordinator.kill()
     restarted_at = time.time()
     fake.clear_requests()
+    log_start = len(cluster.coordinator.log_path.read_text().splitlines())
     cluster.start_coordinator(
         "--labeler=kubernetes", f"--kubeconfig={kubeconfig}", "--reconcile-interval-seconds=0.5"
     )
 
-    def node_lists() -> int:
-        return sum(1 for r in fake.requests if r.method == "GET" and r.path == "/api/v1/nodes")
+    def passes() -> int:
+        lines = cluster.coordinator.log_path.read_text().splitlines()[log_start:]
+        return sum("Reconcile pass took" in line for line in lines)
 
     def reported_since_restart() -> bool:
         replicas = cluster.get_dataset("photos").status.replicas
         return all(r.update_time.ToNanoseconds() > restarted_at * 1e9 for r in replicas)
 
     wait_until(
-        lambda: reported_since_restart() and node_lists() >= 4,
+        lambda: reported_since_restart() and passes() >= 2,
         30,
         "agents to report to the new coordinator and several reconcile passes",
     )
