@@ -14,7 +14,9 @@ of at most `READ_CHUNK_BYTES` (1 MiB). Either way the engine's buffers stay belo
 
 Every file is created beneath the staging directory through directory file descriptors with
 O_NOFOLLOW, size-checked, verified (see `verify`), and fsynced; then every directory is
-fsynced. Verification, strongest available first (the method is recorded per file):
+fsynced. With `drop_behind`, each finished range and file is also written out and dropped
+from the page cache as the copy goes (`agent.pagecache`). Verification, strongest available
+first (the method is recorded per file):
 
 1. the source's full-object checksum (S3 CRC64NVME, CRC32C or CRC32): `crc64nvme`, ...;
 2. the dataset version's manifest, when the version is fixed (the first complete copy's

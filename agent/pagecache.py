@@ -9,7 +9,8 @@ cache to the ranges in flight:
 - the disk writes are spread over the copy instead of coming in one burst at its end;
 - the copy reuses the same memory. Where touching memory for the first time is expensive (a VM
   whose hypervisor takes free memory back, "free page reporting"), writing 1 GiB and fsyncing
-  it took 4.1-4.6 s into fresh memory and 0.7-0.9 s this way (docs/benchmarks.md).
+  it took 2.84-3.40 s after 6 s idle and 0.98-1.07 s this way (`bench/pagecache.py`,
+  docs/benchmarks.md).
 
 The final fsync of each file still runs: `sync_file_range` writes no metadata and does not
 flush the drive's cache.
