@@ -56,6 +56,7 @@ from transfer import (
     _console,
     _random_chunks,
     _run_line,
+    memory_state,
 )
 
 from tests.nfsserver import NfsServer, unavailable_reason
@@ -138,7 +139,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--nfs-version", choices=("3", "4"), default="3")
     parser.add_argument("--quiet-wait", type=float, default=60.0, metavar="SECONDS")
     parser.add_argument(
-        "--memory", choices=["cold", "touched"], default="cold", help="see bench/transfer.py"
+        "--memory", choices=["cold", "backed"], default="cold", help="see bench/transfer.py"
     )
     parser.add_argument(
         "--settle",
@@ -164,10 +165,15 @@ def main(argv: list[str]) -> int:
         f"{platform.python_version()}",
         flush=True,
     )
-    with tempfile.TemporaryDirectory(prefix="datacache-bench-nfs-", dir=args.workdir) as tmp:
+    size = 256 * MIB if args.quick else GIB
+    with (
+        memory_state(args.memory, args.settle, 4 * size + GIB) as memory,
+        tempfile.TemporaryDirectory(prefix="datacache-bench-nfs-", dir=args.workdir) as tmp,
+    ):
+        print(f"free memory at each run's start: {memory}", flush=True)
         work = Path(tmp)
         server = NfsServer(work / "nfs")
-        workload = write_export(server.export_dir, 256 * MIB if args.quick else GIB)
+        workload = write_export(server.export_dir, size)
         with server:
             assert server.ganesha_pid is not None
             ctx = Context(

@@ -4,15 +4,16 @@ without drop-behind (`agent.pagecache`).
     python bench/pagecache.py [--dir DIR] [--mib 1024] [--rounds 3] [--idle 6]
 
 Each round writes a file of MIB MiB in 256 KiB `pwrite`s (the agent's write size) and fsyncs
-it four times: right after the file's size plus 256 MiB of anonymous memory was touched and
-freed ("touched"), or IDLE seconds after the previous file was deleted ("cold"), each in two
-ways:
+it four times, each time IDLE seconds after the previous file was deleted: first with free
+memory "cold" (as the machine is), then "backed" (free page reporting off, as in
+bench/transfer.py --memory backed; needs root), each in two ways:
   plain        pwrite everything, then fsync;
   drop-behind  as each 16 MiB range is written, `pagecache.write_out_and_drop` (write it to
                disk, wait, drop it from the page cache), then fsync.
 It prints wall and system CPU seconds per run. On a VM whose hypervisor takes free memory back
 (virtio-balloon free page reporting) "cold" memory costs the kernel about 13 us per 4 KiB page
-to touch again; drop-behind reuses the same few ranges' worth of memory instead.
+to touch again; drop-behind reuses the same few ranges' worth of memory instead. "Backed"
+memory is the state of a machine without free page reporting.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 
 # bench/transfer.py, beside this script (sys.path[0]).
-from transfer import warm_memory
+from transfer import memory_state
 
 from agent import pagecache
 
@@ -60,22 +61,20 @@ def main() -> None:
     size = args.mib << 20
     path.touch()
     try:
-        for round_no in range(1, args.rounds + 1):
-            for memory in ("touched", "cold"):
-                for drop_behind in (False, True):
-                    path.unlink()
-                    # The state of free memory each run starts from, not synchronisation.
-                    if memory == "cold":
+        for memory in ("cold", "backed"):
+            with memory_state(memory, args.idle, 2 * size + (1 << 30)):
+                for round_no in range(1, args.rounds + 1):
+                    for drop_behind in (False, True):
+                        path.unlink()
+                        # The state of free memory each run starts from, not synchronisation.
                         time.sleep(args.idle)
-                    else:
-                        warm_memory(size + (256 << 20))
-                    wall, system = write(path, size, drop_behind)
-                    mode = "drop-behind" if drop_behind else "plain"
-                    print(
-                        f"round {round_no} {memory:7s} {mode:11s} {wall:5.2f} s wall "
-                        f"{system:5.2f} s system",
-                        flush=True,
-                    )
+                        wall, system = write(path, size, drop_behind)
+                        mode = "drop-behind" if drop_behind else "plain"
+                        print(
+                            f"round {round_no} {memory:6s} {mode:11s} {wall:5.2f} s wall "
+                            f"{system:5.2f} s system",
+                            flush=True,
+                        )
     finally:
         path.unlink(missing_ok=True)
 
