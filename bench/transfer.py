@@ -16,8 +16,9 @@ Tools, run once per round each, in an order rotated every round; medians are rep
   boto3         download_file: TransferConfig(16 threads, 8 MiB chunks) for one object; a pool
                 of 32 threads, one download_file (use_threads=False) per object for many
 
-Every run gets a fresh, empty DEST on the same file system as the work directory; DEST is
-deleted and `sync` called after it. The page cache is left alone (the server's objects stay
+Every run gets a fresh, empty DEST on the same file system as the work directory; after it,
+DEST is deleted (or, when it holds more than 16 files, put aside until the series ends: see
+`discard_output`) and `sync` called. The page cache is left alone (the server's objects stay
 cached, as the server is not what is measured) unless --drop-caches asks to drop it before
 every run. Before each run the script waits (up to --quiet-wait seconds) until the machine is
 idle, and it records the CPU time other processes used during the run.
@@ -505,8 +506,42 @@ def run_tool(
     except (BenchError, ValueError, KeyError, IndexError) as exc:
         run.error = str(exc)
     finally:
-        shutil.rmtree(dest, ignore_errors=True)
+        discard_output(ctx, dest, len(workload.objects))
     return run
+
+
+KEEP_OUTPUTS_OF_MORE_FILES = 16
+"""Outputs of more files than this are kept until the series ends (`discard_output`)."""
+
+
+def discard_output(ctx: Context, dest: Path, files: int) -> None:
+    """Deletes a run's output, or, when it holds many files, drops it from the page cache and
+    puts it aside until `delete_kept_outputs`. On ext4 without a journal (as here:
+    /sys/fs/ext4/*/journal_task is "<none>") the inode allocator skips every inode freed in the
+    last 1-6 minutes (`recently_deleted` in fs/ext4/ialloc.c), one buffer lookup each: each of
+    2,000 files created after 2,000 were deleted cost up to 1.5 ms of kernel CPU, and every
+    run after the first paid it. (Deleting outputs when the series ends poisons the next
+    series the same way: leave a few minutes between series on such a file system.)"""
+    if files <= KEEP_OUTPUTS_OF_MORE_FILES:
+        shutil.rmtree(dest, ignore_errors=True)
+        return
+    os.sync()
+    for path in dest.rglob("*"):
+        if path.is_file():
+            # Its memory goes back to the pool the next run allocates from, as a deletion's
+            # would (free memory stays in the state --memory asks for).
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+    kept = ctx.workdir / "kept"
+    kept.mkdir(exist_ok=True)
+    dest.rename(kept / str(len(list(kept.iterdir()))))
+
+
+def delete_kept_outputs(ctx: Context) -> None:
+    shutil.rmtree(ctx.workdir / "kept", ignore_errors=True)
 
 
 class BenchError(RuntimeError):
@@ -995,6 +1030,7 @@ def main(argv: list[str]) -> int:
                             break
                         discarded.append(run)
                     runs.append(run)
+        delete_kept_outputs(ctx)
         table = report(runs, workloads, args.tools)
         print(table)
         print(
