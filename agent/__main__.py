@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import shutil
 import signal
 import sys
@@ -23,11 +22,9 @@ from agent.errors import AgentError
 from agent.fetch import FetchSettings, Progress, fetch_into, plan
 from agent.manifest import Manifest
 from agent.peering import MAX_BATCH_FILES, PeerKeys, PeerSettings
-from agent.settings import AgentSettings, TlsSettings
 from agent.sources import SourceOpener
-from agent.sources.nfs import NfsSettings
+from agent.sources.nfs_settings import NfsSettings
 from agent.sources.s3 import S3Settings
-from agent.store import CacheStore
 from datacache import __version__, logs
 from datacache.validation import (
     InvalidInput,
@@ -42,6 +39,7 @@ if TYPE_CHECKING:
     from agent.health import HealthServer
     from agent.peerserver import Lookup, PeerServer
     from agent.runner import Agent
+    from agent.settings import AgentSettings
 
 _FETCH = FetchSettings()
 F = TypeVar("F", bound=Callable[..., Any])
@@ -399,6 +397,9 @@ def main() -> None:
 def run(**kwargs: Any) -> None:
     """Run the agent for one node: register with the coordinator and keep its datasets."""
     logs.configure(kwargs["log_level"], kwargs["log_format"], node=kwargs["node_name"])
+    from agent.settings import AgentSettings, TlsSettings
+    from agent.store import CacheStore
+
     tls = TlsSettings(
         kwargs["tls_ca_file"],
         kwargs["tls_cert_file"],
@@ -584,9 +585,9 @@ def fetch(source: str, dest: Path, **kwargs: Any) -> None:
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise click.BadParameter(f"{dest} exists and is not an empty directory", param_hint="DEST")
     settings = _fetch_settings(kwargs)
-    progress, done, cancel = Progress(), threading.Event(), threading.Event()
+    progress, done, cancel = Progress(metrics=False), threading.Event(), threading.Event()
     show = kwargs["progress"] if kwargs["progress"] is not None else sys.stderr.isatty()
-    staged = dest.parent / f".{dest.name}.partial-{secrets.token_hex(4)}"
+    staged = dest.parent / f".{dest.name}.partial-{os.urandom(4).hex()}"
     dest.parent.mkdir(parents=True, exist_ok=True)
     staged.mkdir()
     printer = _progress_printer(progress, done) if show else None

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from agent.fetch import FetchSettings
 from agent.peering import PeerSettings
-from agent.sources.nfs import NfsSettings
+from agent.sources.nfs_settings import NfsSettings
 from agent.sources.s3 import S3Settings
 
 

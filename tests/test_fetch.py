@@ -533,3 +533,47 @@ def test_ranges_of_a_file_that_failed_verification_are_not_kept(
             )
         assert len([r for r in proxy.requests if r.method == "GET" and r.range]) == 6
     assert (staging / "f.bin").read_bytes() == body
+
+
+_FETCH_COMMAND_MODULES = """
+import json, sys
+from agent.__main__ import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+unused = ("prometheus_client", "grpc", "boto3", "botocore", "agent.sources.nfs", "agent.store")
+print(json.dumps({"code": code, "loaded": [m for m in unused if m in sys.modules]}))
+"""
+
+
+def test_the_fetch_command_loads_only_what_an_s3_copy_uses(
+    s3_server: LocalCluster, bucket: str, tmp_path: Path
+) -> None:
+    """`datacache-agent fetch` pays its imports on every copy: an S3 copy must not load the
+    metrics library (it serves none), gRPC, boto3, the libnfs bindings or the cache store."""
+    body = os.urandom(70_000)
+    admin_client(s3_server.s3_endpoint).put_object(Bucket=bucket, Key="ds/a.bin", Body=body)
+    dest = tmp_path / "copy"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _FETCH_COMMAND_MODULES,
+            "fetch",
+            f"s3://{bucket}/ds/",
+            str(dest),
+            f"--s3-endpoint-url={s3_server.s3_endpoint}",
+            "--no-progress",
+        ],
+        env={**os.environ, **DEMO_CREDENTIALS},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    summary, result = (json.loads(line) for line in done.stdout.splitlines()[-2:])
+    assert (result["code"] in (0, None), summary["files"]) == (True, 1)
+    assert (dest / "a.bin").read_bytes() == body
+    assert result["loaded"] == []

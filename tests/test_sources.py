@@ -23,7 +23,8 @@ from agent.sources import READ_CHUNK_BYTES, ObjectInfo, Source, SourceOpener
 from agent.sources import nfs as nfs_module
 from agent.sources.base import StreamingSource
 from agent.sources.local import LocalDirSource
-from agent.sources.nfs import NfsSettings, NfsSource
+from agent.sources.nfs import NfsSource
+from agent.sources.nfs_settings import NfsSettings
 from agent.sources.s3 import S3ObjectSource, S3Settings, s3_client
 from agent.sources.s3http import S3HttpSource
 from datacache.localcluster import DEMO_CREDENTIALS, LocalCluster

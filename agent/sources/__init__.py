@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from agent.errors import SourceError
 from agent.sources.base import READ_CHUNK_BYTES, ObjectInfo, Source
-from agent.sources.nfs import NfsSettings
+from agent.sources.nfs_settings import NfsSettings
 from agent.sources.s3 import S3Settings
 from datacache.validation import FileSource, InvalidInput, NfsSource, S3Source, parse_source
 

@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Any
 from agent.errors import SourceChanged, SourceError
 from agent.sources.base import READ_CHUNK_BYTES, ObjectInfo, read_chunks
 from agent.sources.local import sort_key, version_tag
+from agent.sources.nfs_settings import NfsSettings
 from datacache.validation import NfsSource as NfsLocation
 
 if TYPE_CHECKING:
@@ -87,22 +88,6 @@ _HARMLESS_ERRNOS = frozenset(
         errno.EINVAL,
     }
 )
-
-
-@dataclass(frozen=True)
-class NfsSettings:
-    version: int = 3
-    """NFS protocol version: 3 or 4."""
-    max_connections: int = 16
-    """Contexts (TCP connections) per source; at least the engine's concurrency to read at
-    full parallelism."""
-    timeout_seconds: int = 30
-    """Timeout of each NFS call, whole seconds (libnfs's granularity)."""
-    idle_seconds: float = 120.0
-    """A context idle longer than this is replaced before use: servers close idle
-    connections (nfs-ganesha after 300 s by default)."""
-    acquire_timeout_seconds: float = 300.0
-    """Longest wait for a free context when every one is busy."""
 
 
 # struct nfs_stat_64 of libnfs 4.0.0: 17 uint64 fields, each named nfs_<field>.
