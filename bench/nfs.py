@@ -171,6 +171,7 @@ def main(argv: list[str]) -> int:
         tempfile.TemporaryDirectory(prefix="datacache-bench-nfs-", dir=args.workdir) as tmp,
     ):
         print(f"free memory at each run's start: {memory}", flush=True)
+        print(f"agent modules compiled to bytecode: {transfer.compile_agent()}", flush=True)
         work = Path(tmp)
         server = NfsServer(work / "nfs")
         workload = write_export(server.export_dir, size)

@@ -41,9 +41,11 @@ from __future__ import annotations
 
 import argparse
 import collections
+import compileall
 import contextlib
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import mmap
 import os
@@ -709,6 +711,21 @@ def run_profiles(ctx: Context, workloads: list[Workload], out: Path) -> dict[str
 # Report ------------------------------------------------------------------------------------
 
 
+def compile_agent() -> str:
+    """Compiles the agent's modules to bytecode, as its image has them (pip compiles what it
+    installs): an editable install has none, and with PYTHONDONTWRITEBYTECODE set every run
+    would compile them again (30-40 ms of each run's start-up). Returns where they are."""
+    places = []
+    for package in ("agent", "datacache"):
+        spec = importlib.util.find_spec(package)
+        assert spec is not None and spec.submodule_search_locations is not None
+        for location in spec.submodule_search_locations:
+            if not compileall.compile_dir(location, quiet=1):
+                raise BenchError(f"cannot compile the modules in {location}")
+            places.append(location)
+    return ", ".join(places)
+
+
 def machine_facts(ctx: Context) -> dict[str, str]:
     def first(pattern: str, text: str) -> str:
         match = re.search(pattern, text, re.MULTILINE)
@@ -1000,6 +1017,7 @@ def main(argv: list[str]) -> int:
         )
         facts = machine_facts(ctx)
         facts["free memory at each run's start"] = memory
+        facts["agent modules compiled to bytecode"] = compile_agent()
         for name, value in facts.items():
             print(f"{name}: {value}")
         client = s3_client(endpoint)
