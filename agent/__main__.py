@@ -99,6 +99,12 @@ def transfer_options(fn: F) -> F:
             help="fsync every file and directory before publishing.",
         ),
         option(
+            "fsync-concurrency",
+            type=click.IntRange(1, 256),
+            default=_FETCH.fsync_concurrency,
+            help="fsyncs in flight at once, on threads apart from the reads.",
+        ),
+        option(
             "drop-behind/--no-drop-behind",
             default=_FETCH.drop_behind,
             help="With fsync: write finished ranges to disk as the copy goes and drop them "
@@ -214,6 +220,7 @@ def _fetch_settings(kwargs: dict[str, Any]) -> FetchSettings:
         part_bytes=kwargs["part_bytes"],
         multipart_threshold_bytes=kwargs["multipart_threshold_bytes"],
         fsync=kwargs["fsync"],
+        fsync_concurrency=kwargs["fsync_concurrency"],
         drop_behind=kwargs["drop_behind"],
     )
 

@@ -13,10 +13,11 @@ of at most `READ_CHUNK_BYTES` (1 MiB). Either way the engine's buffers stay belo
 `concurrency x 1 MiB` (8 MiB by default) whatever the file sizes.
 
 Every file is created beneath the staging directory through directory file descriptors with
-O_NOFOLLOW, size-checked, verified (see `verify`), and fsynced; then every directory is
-fsynced. With `drop_behind`, each finished range and file is also written out and dropped
-from the page cache as the copy goes (`agent.pagecache`). Verification, strongest available
-first (the method is recorded per file):
+O_NOFOLLOW, size-checked, verified (see `verify`), and fsynced on threads apart from the reads
+(`agent.flusher`); it counts as copied (and is journalled) only once fsynced. Then every
+directory is fsynced. With `drop_behind`, each finished range and file is also written out
+and dropped from the page cache as the copy goes (`agent.pagecache`). Verification, strongest
+available first (the method is recorded per file):
 
 1. the source's full-object checksum (S3 CRC64NVME, CRC32C or CRC32): `crc64nvme`, ...;
 2. the dataset version's manifest, when the version is fixed (the first complete copy's
@@ -69,6 +70,7 @@ from agent.errors import (
     UnsafeKey,
     VerificationError,
 )
+from agent.flusher import Flusher
 from agent.journal import Journal, RangeRecord
 from agent.keys import find_collisions, is_directory_marker, key_to_parts
 from agent.manifest import (
@@ -128,6 +130,11 @@ class FetchSettings:
     fsync: bool = True
     """fsync every file and directory before the copy counts as done. Off only for
     benchmarks and throw-away copies."""
+    fsync_concurrency: int = 8
+    """fsyncs in flight at once, on threads of their own (`agent.flusher`): the reading
+    threads hand each verified file over and go on. Memory: a thread stack each, and up to
+    twice as many open files waiting. On 2,000 small files here 2 to 16 did equally well
+    (within the noise), 32 worse."""
     drop_behind: bool = True
     """With fsync on, write each finished range and file to disk as the copy goes and drop it
     from the page cache (`agent.pagecache`): the copy holds at most about concurrency x
@@ -333,6 +340,8 @@ class _FileJob:
         """Some ranges were kept from an interrupted copy: the file must not be truncated."""
         self.written = False
         self.lock = threading.Lock()
+        self.handed_over = False
+        """Verified and handed to the flusher, which closes it: `close` leaves it open."""
         self._dirs = dirs
         self._fd = -1
         self._closed = False
@@ -370,9 +379,27 @@ class _FileJob:
         return checksums.combine("crc64nvme", [(d.crc64, d.length) for d in self.ordered()])
 
     def close(self) -> None:
+        if not self.handed_over:
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Closes the file, even once handed over."""
         with self.lock:
             if self._fd >= 0:
                 os.close(self._fd)
+            self._fd = -1
+            self._closed = True
+
+    def sync_and_close(self, drop_behind: bool) -> None:
+        """fsyncs the file (then drops it from the page cache, with `drop_behind`) and closes
+        it."""
+        with self.lock:
+            if self._fd < 0:
+                raise FetchCancelled(f"{self.path!r} was closed before it was fsynced")
+            os.fsync(self._fd)
+            if drop_behind:
+                pagecache.drop(self._fd)
+            os.close(self._fd)
             self._fd = -1
             self._closed = True
 
@@ -402,6 +429,7 @@ class _Engine:
         self.expected = expected
         self.entries: list[FileEntry] = []
         self.entries_lock = threading.Lock()
+        self.flusher = Flusher(settings.fsync_concurrency, cancel)
         self._local = threading.local()
 
     def _buffer(self) -> memoryview:
@@ -778,6 +806,8 @@ class _Engine:
         self._verify_and_close(job, keep_open_on_error=False)
 
     def _verify_and_close(self, job: _FileJob, keep_open_on_error: bool) -> None:
+        """Verifies the file; then, with fsync, hands it to the flusher, which fsyncs, closes
+        and records it; without, closes and records it."""
         obj = job.obj
         fd = job.fd()
         try:
@@ -785,10 +815,6 @@ class _Engine:
                 raise VerificationError(f"{obj.key!r}: size on disk differs from the source")
             crc = job.crc64()
             method = self.verify(job, fd, crc)
-            if self.settings.fsync:
-                os.fsync(fd)
-                if self.settings.drop_behind:
-                    pagecache.drop(fd)
         except VerificationError:
             if not keep_open_on_error:
                 job.close()
@@ -796,7 +822,6 @@ class _Engine:
         except BaseException:
             job.close()
             raise
-        job.close()
         entry = FileEntry(
             path=job.path,
             size=obj.size,
@@ -804,7 +829,20 @@ class _Engine:
             crc64nvme=f"{crc:016x}",
             verified=method,
         )
-        self.progress.verified(method)
+        if not self.settings.fsync:
+            job.close()
+            self._record(entry)
+            return
+        job.handed_over = True
+        self.flusher.submit(functools.partial(self._make_durable, job, entry), job.abandon)
+
+    def _make_durable(self, job: _FileJob, entry: FileEntry) -> None:
+        job.sync_and_close(self.settings.drop_behind)
+        self._record(entry)
+
+    def _record(self, entry: FileEntry) -> None:
+        """Counts a verified (and, with fsync, durable) file as copied."""
+        self.progress.verified(entry.verified)
         with self.entries_lock:
             self.entries.append(entry)
         if self.journal is not None:
@@ -1015,7 +1053,13 @@ def fetch_into(
                     for off, length in job.units
                     if off not in job.results
                 ]
-        _run_all(tasks, settings.concurrency, cancel)
+        try:
+            _run_all(tasks, settings.concurrency, cancel)
+        except BaseException:
+            # A failed fsync cancels the reads: its error, raised here, is the one to report.
+            engine.flusher.finish()
+            raise
+        engine.flusher.finish()
         if cancel.is_set():
             raise FetchCancelled("fetch cancelled")
         if settings.fsync:
