@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import os
 import threading
@@ -32,7 +33,7 @@ def test_runs_every_flush_on_its_threads_and_finish_waits_for_them() -> None:
             ran.append((i, threading.current_thread().name))
 
     for i in range(50):
-        flusher.submit(lambda i=i: flush(i), lambda: None)
+        flusher.submit(functools.partial(flush, i), lambda: None)
     flusher.finish()
     assert sorted(i for i, _ in ran) == list(range(50))
     assert {name for _, name in ran} <= {"flush-0", "flush-1", "flush-2"}
