@@ -134,7 +134,7 @@ class FetchSettings:
     """fsyncs in flight at once, on threads of their own (`agent.flusher`): the reading
     threads hand each verified file over and go on. Memory: a thread stack each, and up to
     twice as many open files waiting. On 2,000 small files here 2 to 16 did equally well
-    (within the noise), 32 worse."""
+    (within the noise), 32 worse (docs/benchmarks.md)."""
     drop_behind: bool = True
     """With fsync on, write each finished range and file to disk as the copy goes and drop it
     from the page cache (`agent.pagecache`): the copy holds at most about concurrency x
