@@ -105,6 +105,13 @@ def transfer_options(fn: F) -> F:
             help="fsyncs in flight at once, on threads apart from the reads.",
         ),
         option(
+            "small-object-connections",
+            type=click.IntRange(0, 1024),
+            default=_FETCH.small_object_connections,
+            help="S3: connections one thread keeps busy reading files up to 1 MiB "
+            "(0: read them on the threads).",
+        ),
+        option(
             "drop-behind/--no-drop-behind",
             default=_FETCH.drop_behind,
             help="With fsync: write finished ranges to disk as the copy goes and drop them "
@@ -221,6 +228,7 @@ def _fetch_settings(kwargs: dict[str, Any]) -> FetchSettings:
         multipart_threshold_bytes=kwargs["multipart_threshold_bytes"],
         fsync=kwargs["fsync"],
         fsync_concurrency=kwargs["fsync_concurrency"],
+        small_object_connections=kwargs["small_object_connections"],
         drop_behind=kwargs["drop_behind"],
     )
 

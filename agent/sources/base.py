@@ -8,6 +8,7 @@ Every implementation passes the same conformance suite (tests/test_sources.py).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -175,4 +176,47 @@ class BatchSource(Protocol):
     def open_batch(self, objs: Sequence[ObjectInfo]) -> BatchBody | None:
         """The bytes of `objs` (each at least 1 byte, within `batch_limits`), or None when no
         server will send them together now: then read them one by one."""
+        ...
+
+
+class ObjectReceiver(Protocol):
+    """Takes the bodies a `MultiGetSource` delivers, identified by their index in the
+    request. Calls for one object come in order: `begin`, `write`s, then `end`; or `failed`
+    at any point (after which nothing more comes for it)."""
+
+    def begin(self, index: int, checksum: ObjectChecksum | None) -> None:
+        """The body of object `index` starts; `checksum` is the full-object checksum its
+        response stated."""
+        ...
+
+    def write(self, index: int, data: memoryview) -> None:
+        """The next bytes of object `index` (valid only during the call)."""
+        ...
+
+    def end(self, index: int) -> None:
+        """Object `index` was delivered whole."""
+        ...
+
+    def failed(self, index: int, reason: str) -> None:
+        """Object `index` was not delivered (whatever part of it was written is void): it must
+        be read again by the engine's other paths, which retry, restart and report."""
+        ...
+
+
+@runtime_checkable
+class MultiGetSource(Protocol):
+    """A source that reads many whole small objects at once from one thread (S3 over
+    non-blocking connections). Optional, and a first try only: what it does not deliver is
+    read again one by one."""
+
+    def get_many(
+        self,
+        objs: Sequence[ObjectInfo],
+        receiver: ObjectReceiver,
+        connections: int,
+        cancel: threading.Event,
+    ) -> None:
+        """Reads `objs` whole over up to `connections` connections, handing each body to
+        `receiver`. Returns once every object was delivered or reported `failed`. Exceptions
+        raised by `receiver` stop it and propagate."""
         ...

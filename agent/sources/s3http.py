@@ -33,14 +33,20 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote_plus, urlsplit
 
 from agent.checksums import MULTIPART_ETAG, ObjectChecksum, from_s3_headers
 from agent.errors import SourceChanged, SourceError
-from agent.sources.base import READ_CHUNK_BYTES, ObjectFacts, ObjectInfo, PartLayout
+from agent.sources.base import (
+    READ_CHUNK_BYTES,
+    ObjectFacts,
+    ObjectInfo,
+    ObjectReceiver,
+    PartLayout,
+)
 from agent.sources.s3 import S3Settings
 from datacache.validation import S3Source as S3Location
 
@@ -308,28 +314,34 @@ class _Connection:
             if end >= 0:
                 break
             if len(data) > _HEAD_LIMIT:
-                raise _BadResponse("response head too long")
+                raise BadResponse("response head too long")
             more = self.sock.recv(65536)
             if not more:
-                raise _BadResponse("connection closed before a complete response head")
+                raise BadResponse("connection closed before a complete response head")
             data += more
         self.pending = data[end + 4 :]
-        lines = data[:end].decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-            raise _BadResponse(f"malformed status line {lines[0][:100]!r}")
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if sep:
-                name = name.strip().lower()
-                value = value.strip()
-                headers[name] = f"{headers[name]}, {value}" if name in headers else value
-        return int(parts[1]), headers
+        return parse_head(data[:end])
 
 
-class _BadResponse(Exception):
-    pass
+def parse_head(head: bytes) -> tuple[int, dict[str, str]]:
+    """The status and headers (names lower-cased, repeats joined) of a response head, without
+    its closing blank line."""
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        raise BadResponse(f"malformed status line {lines[0][:100]!r}")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            name = name.strip().lower()
+            value = value.strip()
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return int(parts[1]), headers
+
+
+class BadResponse(Exception):
+    """A response that does not parse as HTTP/1.1."""
 
 
 class Response:
@@ -443,7 +455,7 @@ class Response:
         while True:
             while b"\r\n" not in data:
                 if len(data) > _HEAD_LIMIT:
-                    raise _BadResponse("malformed chunked body")
+                    raise BadResponse("malformed chunked body")
                 more = conn.sock.recv(65536)
                 if not more:
                     raise ConnectionError("connection closed inside a chunked body")
@@ -486,11 +498,11 @@ class _Pool:
         self._lock = threading.Lock()
         # Sources have no close() in their protocol: idle connections go with the source.
         weakref.finalize(self, _close_all, self._idle)
-        self._tls: ssl.SSLContext | None = None
+        self.tls: ssl.SSLContext | None = None
         if endpoint.scheme == "https":
             import ssl
 
-            self._tls = ssl.create_default_context()
+            self.tls = ssl.create_default_context()
 
     def get(self, host: str) -> _Connection:
         with self._lock:
@@ -500,7 +512,7 @@ class _Pool:
         return _Connection(
             host,
             self._endpoint.port,
-            self._tls,
+            self.tls,
             self._settings.connect_timeout_seconds,
             self._settings.read_timeout_seconds,
         )
@@ -541,7 +553,7 @@ class Body:
         """Fills `view` (fewer bytes only at the end of the body); 0 at the end."""
         try:
             return self._response.readinto(view)
-        except (OSError, _BadResponse) as exc:
+        except (OSError, BadResponse) as exc:
             raise SourceError(f"reading {self._url}: {_describe(exc)}") from exc
 
     def close(self) -> None:
@@ -550,7 +562,8 @@ class Body:
 
 class S3HttpSource:
     """Reads one S3 prefix over kept-alive HTTP connections. Implements `Source`,
-    `ChecksummedSource` and the engine's buffered read path (`open_range`)."""
+    `ChecksummedSource`, the engine's buffered read path (`open_range`) and `MultiGetSource`
+    for small objects."""
 
     def __init__(
         self,
@@ -599,7 +612,7 @@ class S3HttpSource:
             try:
                 response = self._request("GET", self._bucket_path or "/", params, {})
                 body = response.read_small(limit=64 << 20)
-            except (OSError, _BadResponse) as exc:
+            except (OSError, BadResponse) as exc:
                 raise SourceError(f"listing {self._location.uri} failed: {_describe(exc)}") from exc
             if response.status != 200:
                 raise SourceError(f"listing {self._location.uri} failed: {_code(response, body)}")
@@ -662,6 +675,36 @@ class S3HttpSource:
             with self._lock:
                 self._checksums[(obj.key, obj.etag)] = stated
         return Body(response, stated, url)
+
+    def get_many(
+        self,
+        objs: Sequence[ObjectInfo],
+        receiver: ObjectReceiver,
+        connections: int,
+        cancel: threading.Event,
+    ) -> None:
+        """Whole GETs of `objs` (If-Match their ETags, stating their checksums) from one thread
+        over up to `connections` new connections (`agent.sources.s3loop`)."""
+        from agent.sources.s3loop import Loop
+
+        settings = self._settings
+
+        def connect() -> socket.socket:
+            return _Connection(
+                self._host,
+                self._endpoint.port,
+                self._pool.tls,
+                settings.connect_timeout_seconds,
+                settings.read_timeout_seconds,
+            ).sock
+
+        def request(obj: ObjectInfo) -> bytes:
+            path = f"{self._bucket_path}/{uri_encode(self._location.prefix + obj.key, True)}"
+            headers = {"If-Match": obj.etag, "x-amz-checksum-mode": "ENABLED"}
+            return self._request_bytes("GET", path, "", path, headers)
+
+        loop = Loop(connect, request, settings.read_timeout_seconds, cancel)
+        loop.run(objs, receiver, connections)
 
     def head(self, key: str, etag: str | None) -> ObjectFacts:
         """HEAD of the object, If-Match `etag` when given."""
@@ -732,7 +775,7 @@ class S3HttpSource:
         path = f"{self._bucket_path}/{uri_encode(key, True)}"
         try:
             response = self._request(method, path, params, headers)
-        except (OSError, _BadResponse) as exc:
+        except (OSError, BadResponse) as exc:
             raise SourceError(f"reading {what}{url}: {_describe(exc)}") from exc
         if response.status < 300:
             return response
@@ -787,18 +830,24 @@ class S3HttpSource:
                 continue
             return response
         assert last is not None
-        raise _BadResponse(f"{last} (after {_ATTEMPTS} attempts)")
+        raise BadResponse(f"{last} (after {_ATTEMPTS} attempts)")
 
-    def _send(
+    def _request_bytes(
         self, method: str, path: str, query: str, target: str, headers: dict[str, str]
-    ) -> Response:
+    ) -> bytes:
+        """The request, signed when there are credentials."""
         all_headers = dict(headers)
         credentials = self._credentials.get()
         if credentials is not None:
             self._signer.sign(method, self._host_header, path, query, all_headers, credentials)
         lines = [f"{method} {target} HTTP/1.1", f"Host: {self._host_header}"]
         lines += [f"{k}: {v}" for k, v in all_headers.items()]
-        request = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
+
+    def _send(
+        self, method: str, path: str, query: str, target: str, headers: dict[str, str]
+    ) -> Response:
+        request = self._request_bytes(method, path, query, target, headers)
         # A kept-alive connection the server has closed meanwhile fails at once: that costs no
         # attempt, a fresh connection is tried straight away.
         for _ in range(2):
@@ -809,7 +858,7 @@ class S3HttpSource:
             try:
                 conn.send(request)
                 status, response_headers = conn.read_head()
-            except (OSError, _BadResponse) as exc:
+            except (OSError, BadResponse) as exc:
                 conn.close()
                 if conn.used and not isinstance(exc, _TIMEOUTS):
                     continue
@@ -821,7 +870,7 @@ class S3HttpSource:
 def _quietly(read: Any) -> bytes:
     try:
         data: bytes = read()
-    except (OSError, _BadResponse):
+    except (OSError, BadResponse):
         return b""
     return data
 
@@ -837,7 +886,7 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, _TIMEOUTS):
         return "timed out"
     text = str(exc) or type(exc).__name__
-    return text if isinstance(exc, _BadResponse | _Retryable) else f"{type(exc).__name__}: {text}"
+    return text if isinstance(exc, BadResponse | _Retryable) else f"{type(exc).__name__}: {text}"
 
 
 def _aws_endpoint(region: str) -> str:
