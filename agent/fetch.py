@@ -774,7 +774,9 @@ class _Engine:
             log.info(
                 "%d of %d small files are read again one by one", len(receiver.left), len(jobs)
             )
-        tasks = [functools.partial(self.whole_file, job) for job in receiver.left]
+        tasks: list[Callable[[], None]] = [
+            functools.partial(self.whole_file, job) for job in receiver.left
+        ]
         _run_all(tasks, self.settings.concurrency, self.cancel)
 
     def _restart(self, job: _FileJob) -> None:

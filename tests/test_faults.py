@@ -573,3 +573,129 @@ def test_disk_full_fails_cleanly(s3_server: LocalCluster, bucket: str, small_tmp
     assert [p.name for p in small_tmpfs.iterdir()] == ["keep.bin"]
     assert (small_tmpfs / "keep.bin").read_bytes() == keep
     assert shutil.disk_usage(small_tmpfs).free == free_before
+
+
+# The one-thread reader of small files ---------------------------------------------------------
+
+LOOP_FILES = 24
+"""Enough small files for the engine to hand them to the source's one-thread reader."""
+
+
+def many_small_files() -> dict[str, bytes]:
+    sizes = [1, 4_096, 65_536, 150_000, 262_145, 700_000]
+    return {f"s/{i:02d}.bin": os.urandom(sizes[i % len(sizes)]) for i in range(LOOP_FILES)}
+
+
+def test_one_thread_keeps_every_small_file_in_flight(
+    s3_server: LocalCluster, bucket: str, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """With a single reading thread, all the GETs reach the server before any body is sent:
+    the reader waits on all its connections at once."""
+    data = many_small_files()
+    uri = upload(s3_server, bucket, data)
+    proxy.set_rules([Rule(Fault("stall", seconds=30), method="GET", path_contains="/ds/s/")])
+    outcome: list[BaseException | tuple[list[FileEntry], Progress]] = []
+
+    def run() -> None:
+        try:
+            outcome.append(fetch(through(proxy, uri), tmp_path / "dest", FetchSettings(1)))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    try:
+        wait_until(lambda: len(gets(proxy, "s/")) == LOOP_FILES, 20, "every GET in flight at once")
+    finally:
+        proxy.set_rules([])
+        proxy.release_stalls()
+        worker.join(timeout=30)
+    assert not worker.is_alive()
+    result = outcome[0]
+    assert not isinstance(result, BaseException), result
+    entries, progress = result
+    assert tree(tmp_path / "dest") == data
+    assert {e.verified for e in entries} == {"crc32"}
+    assert len(gets(proxy, "s/")) == LOOP_FILES
+    assert (progress.retries, progress.checksum_failures) == (0, 0)
+
+
+def test_small_files_cut_flipped_or_throttled_are_read_again(
+    s3_server: LocalCluster,
+    bucket: str,
+    proxy: FaultProxy,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    data = many_small_files()
+    uri = upload(s3_server, bucket, data)
+    proxy.set_rules(
+        [
+            Rule(Fault("reset", after_bytes=30_000), path_contains="/ds/s/03.bin", limit=1),
+            Rule(Fault("truncate", after_bytes=100_000), path_contains="/ds/s/04.bin", limit=1),
+            Rule(Fault("reset", after_bytes=0), path_contains="/ds/s/05.bin", limit=1),
+            Rule(Fault("flip", offset=60_000), path_contains="/ds/s/02.bin", limit=1),
+            Rule(Fault("flip", offset=1_000), path_contains="/ds/s/10.bin", limit=1),
+        ]
+    )
+    caplog.set_level(logging.INFO, logger="agent.fetch")
+    entries, progress = fetch(through(proxy, uri), tmp_path / "dest", FetchSettings(2))
+
+    assert tree(tmp_path / "dest") == data
+    assert {e.verified for e in entries} == {"crc32"}
+    assert proxy.counts() == {"reset": 2, "truncate": 1, "flip": 2}
+    for key in ("03", "04", "05", "02", "10"):
+        assert len(gets(proxy, f"s/{key}.bin")) == 2, key
+    assert (progress.retries, progress.checksum_failures) == (3, 2)
+    assert progress.files_done == LOOP_FILES
+    assert any("5 of 24 small files are read again" in r.getMessage() for r in caplog.records)
+
+
+def test_throttling_stops_the_small_file_reader_and_the_threads_back_off(
+    s3_server: LocalCluster, bucket: str, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    data = many_small_files()
+    uri = upload(s3_server, bucket, data)
+    proxy.set_rules(
+        [Rule(Fault("slowdown"), method="GET", path_contains="/ds/s/", numbers=None, limit=2)]
+    )
+    entries, progress = fetch(through(proxy, uri), tmp_path / "dest", FetchSettings(2))
+
+    assert tree(tmp_path / "dest") == data
+    assert {e.verified for e in entries} == {"crc32"}
+    assert proxy.counts() == {"slowdown": 2}
+    assert progress.files_done == LOOP_FILES
+
+
+def test_disk_full_while_reading_small_files_fails_cleanly(
+    s3_server: LocalCluster, bucket: str, small_tmpfs: Path
+) -> None:
+    data = {f"s/{i:02d}.bin": os.urandom(900_000) for i in range(LOOP_FILES)}
+    uri = upload(s3_server, bucket, data)
+    keep = os.urandom(MiB)
+    (small_tmpfs / "keep.bin").write_bytes(keep)
+    free_before = shutil.disk_usage(small_tmpfs).free
+
+    result = run_agent_fetch(s3_server.s3_endpoint, uri, small_tmpfs / "ds")
+
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "disk full" in result.stderr
+    assert [p.name for p in small_tmpfs.iterdir()] == ["keep.bin"]
+    assert (small_tmpfs / "keep.bin").read_bytes() == keep
+    assert shutil.disk_usage(small_tmpfs).free == free_before
+
+
+def test_a_small_file_stalled_beyond_the_read_timeout_is_read_again(
+    s3_server: LocalCluster, bucket: str, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    data = many_small_files()
+    uri = upload(s3_server, bucket, data)
+    proxy.set_rules([Rule(Fault("stall", seconds=5), path_contains="/ds/s/07.bin", limit=1)])
+    src = short_timeout_source(proxy.url, uri, read_timeout=1)
+    entries, progress = fetch(src, tmp_path / "dest", FetchSettings(2))
+
+    assert tree(tmp_path / "dest") == data
+    assert {e.verified for e in entries} == {"crc32"}
+    assert proxy.counts() == {"stall": 1}
+    assert len(gets(proxy, "s/07.bin")) == 2
+    assert progress.retries == 1

@@ -78,58 +78,72 @@ class Loop:
         self._raw = bytearray(_BUFFER_BYTES)
         self._buffer = memoryview(self._raw)
         self._would_block: tuple[type[BaseException], ...] = (BlockingIOError,)
+        self._reconnects = 0
         self._selector = selectors.DefaultSelector()
         self._stopped = False
         """A throttling or server error was seen: no new requests."""
         self.stop_reason = ""
 
     def run(self, objs: Sequence[ObjectInfo], receiver: ObjectReceiver, connections: int) -> None:
-        pending: Iterator[int] = iter(range(len(objs)))
+        self._pending: Iterator[int] = iter(range(len(objs)))
         self._receiver = receiver
         self._objs = objs
+        self._reconnects = connections
+        """Connections that failed and may still be replaced (a server closing each
+        connection after its response, with `Connection: close`, does not count)."""
         try:
-            streams = self._open(min(connections, len(objs)))
-            for stream in streams:
-                self._selector.register(stream.sock, selectors.EVENT_READ, stream)
-                self._next(stream, pending)
-            self._serve(pending)
+            for stream in self._open(min(connections, len(objs))):
+                self._register(stream)
+                self._next(stream)
+            self._serve()
         finally:
             for key in list(self._selector.get_map().values()):
-                stream = key.fileobj
-                assert isinstance(stream, socket.socket)
                 with contextlib.suppress(OSError):
-                    stream.close()
+                    key.data.sock.close()
             self._selector.close()
-        for index in pending:
+        for index in self._pending:
             receiver.failed(index, self.stop_reason or "no connection to read it on")
 
     def _open(self, count: int) -> list[_Stream]:
         if count <= 0:
             return []
-
-        def attempt(_: int) -> socket.socket | None:
-            try:
-                sock = self._connect()
-            except OSError:
-                return None
-            sock.setblocking(False)
-            return sock
-
         with ThreadPoolExecutor(min(count, _CONNECT_THREADS)) as pool:
-            socks = list(pool.map(attempt, range(count)))
-        streams = [_Stream(sock) for sock in socks if sock is not None]
-        if any(stream.tls for stream in streams):
+            streams = list(pool.map(lambda _: self._connected(), range(count)))
+        return [stream for stream in streams if stream is not None]
+
+    def _connected(self) -> _Stream | None:
+        """A new non-blocking connection, or None when it cannot be opened (the threaded
+        path will report why, when it fails too)."""
+        try:
+            sock = self._connect()
+        except OSError:
+            return None
+        sock.setblocking(False)
+        stream = _Stream(sock)
+        if stream.tls and len(self._would_block) == 1:
             import ssl
 
             self._would_block = (BlockingIOError, ssl.SSLWantReadError)
-        return streams
+        return stream
 
-    def _next(self, stream: _Stream, pending: Iterator[int]) -> None:
-        """Starts the next object on `stream`, or closes it when there is none to start."""
-        index = None if self._stopped or not stream.keep_alive else next(pending, None)
+    def _register(self, stream: _Stream) -> None:
+        self._selector.register(stream.sock, selectors.EVENT_READ, stream)
+
+    def _next(self, stream: _Stream) -> None:
+        """Starts the next object on `stream` (or on a new connection, when the server closes
+        this one), or closes it when there is none to start."""
+        index = None if self._stopped else next(self._pending, None)
         if index is None:
             self._drop(stream)
             return
+        if not stream.keep_alive:
+            self._drop(stream)
+            replacement = self._connected()
+            if replacement is None:
+                self._receiver.failed(index, "cannot open a new connection")
+                return
+            stream = replacement
+            self._register(stream)
         obj = self._objs[index]
         stream.index, stream.obj = index, obj
         stream.head.clear()
@@ -145,7 +159,7 @@ class Loop:
             # Nothing else is queued on the socket, so this does not happen in practice.
             self._fail(stream, "the request did not fit the socket's buffer")
 
-    def _serve(self, pending: Iterator[int]) -> None:
+    def _serve(self) -> None:
         select = self._selector.select
         checked = time.monotonic()
         while self._selector.get_map():
@@ -161,7 +175,7 @@ class Loop:
                 if done:
                     self._receiver.end(stream.index)
                     stream.index = -1
-                    self._next(stream, pending)
+                    self._next(stream)
             now = time.monotonic()
             if now - checked >= _TIMEOUT_CHECK_SECONDS:
                 checked = now
@@ -243,11 +257,20 @@ class Loop:
         return view[body_start:]
 
     def _fail(self, stream: _Stream, reason: str) -> None:
+        """Reports the object on `stream` failed and replaces the connection (its state is
+        unknown), within the budget of reconnections."""
         index = stream.index
         stream.index = -1
         self._drop(stream)
         if index >= 0:
             self._receiver.failed(index, reason)
+        if self._stopped or self._reconnects <= 0:
+            return
+        self._reconnects -= 1
+        replacement = self._connected()
+        if replacement is not None:
+            self._register(replacement)
+            self._next(replacement)
 
     def _drop(self, stream: _Stream) -> None:
         with contextlib.suppress(KeyError, ValueError):
