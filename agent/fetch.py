@@ -128,11 +128,12 @@ many parts as threads (one thread reads a part, so fewer would leave threads idl
 @dataclass(frozen=True)
 class FetchSettings:
     concurrency: int = 8
-    """Parallel reads (threads). Memory: at most concurrency x 1 MiB of read buffers (batched
-    reads of small files from peers stream through the same buffers; each thread adds only
-    its batch's request, at most 64 x 4 KiB of paths: `PeerSettings.batch_files`). Measured on
-    2 cores with the server beside the agent (docs/benchmarks.md): 8 threads beat 4, 6, 16 and
-    32 on 2,000 small files; on one large file 4-8 threads were mostly ahead of 16."""
+    """Parallel reads (threads): ranges of large files, and small files from sources without
+    a one-thread reader (`small_object_connections`). Memory: at most concurrency x 1 MiB of
+    read buffers (batched reads of small files from peers stream through the same buffers;
+    each thread adds only its batch's request, at most 64 x 4 KiB of paths:
+    `PeerSettings.batch_files`). Measured on 2 cores with the server beside the agent
+    (docs/benchmarks.md): on one large file 4-8 threads were mostly ahead of 16."""
     part_bytes: int = 16 * 1024 * 1024
     """Range size for large files, bytes. Memory does not depend on it (reads stream)."""
     multipart_threshold_bytes: int = 16 * 1024 * 1024
@@ -151,8 +152,8 @@ class FetchSettings:
     """Connections the one-thread reader of small files keeps busy, for sources that have one
     (S3: `agent.sources.s3loop`); 0 reads small files on the threads instead. Memory: one
     256 KiB buffer in all, plus each connection's socket buffers in the kernel. On 2,000
-    files of 20-200 KB here, 32 to 128 connections read them in half the time of 16 threads
-    (docs/benchmarks.md)."""
+    files of 20-200 KB here (docs/benchmarks.md), 16 to 128 connections took 0.67-0.83 s
+    and 16 threads 1.1-1.2 s; more connections help a remote server with real latency."""
     drop_behind: bool = True
     """With fsync on, write each finished range and file to disk as the copy goes and drop it
     from the page cache (`agent.pagecache`): the copy holds at most about concurrency x

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 from awscrt.checksums import crc64nvme
 
@@ -577,3 +578,20 @@ def test_the_fetch_command_loads_only_what_an_s3_copy_uses(
     assert (result["code"] in (0, None), summary["files"]) == (True, 1)
     assert (dest / "a.bin").read_bytes() == body
     assert result["loaded"] == []
+
+
+def test_small_object_connections_from_the_flag_or_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import agent.__main__ as cli
+
+    def settings(*args: str) -> FetchSettings:
+        ctx = cli.fetch.make_context("fetch", ["s3://b/p/", "/tmp/x", *args])
+        return cli._fetch_settings(ctx.params)
+
+    assert settings().small_object_connections == FetchSettings().small_object_connections
+    assert settings("--small-object-connections=0").small_object_connections == 0
+    monkeypatch.setenv("DATACACHE_SMALL_OBJECT_CONNECTIONS", "16")
+    assert settings().small_object_connections == 16
+    with pytest.raises(click.BadParameter, match="1024"):
+        settings("--small-object-connections=5000")

@@ -5,7 +5,8 @@ rules, event hooks, response parsing), with the GIL held, against about 1 ms per
 everything s5cmd does (docs/benchmarks.md). Here each request is a few lines of bytes on a
 kept-alive socket, signed with a small SigV4 implementation (the signing key is derived once
 per day, the payload is `UNSIGNED-PAYLOAD`), and bodies are read with `recv_into` straight
-into the caller's buffer.
+into the caller's buffer. Many small objects are read by one thread over non-blocking
+connections instead (`get_many`, `agent.sources.s3loop`).
 
 Credentials come from botocore's standard chain (env, config files, IRSA, instance role),
 resolved once and refreshed when botocore says they expire. When the environment holds a key
