@@ -8,8 +8,8 @@ its bytes as they arrive, and whatever else verification needs (the CRC the sour
 or the MD5 of a part); a file's CRCs are the combination of its units' (no second pass).
 
 Sources that implement `StreamingSource` (S3, NFS, peers) are read with `readinto` into one
-reused 256 KiB buffer per thread, written with one `pwrite` per buffer; others hand out chunks
-of at most `READ_CHUNK_BYTES` (1 MiB). Either way the engine's buffers stay below
+reused buffer per thread (256 KiB; 1 MiB for NFS), written with one `pwrite` per buffer; others
+hand out chunks of at most `READ_CHUNK_BYTES` (1 MiB). Either way the engine's buffers stay below
 `concurrency x 1 MiB` (8 MiB by default) whatever the file sizes.
 
 Every file is created beneath the staging directory through directory file descriptors with
@@ -85,6 +85,7 @@ from agent.manifest import (
     FileEntry,
 )
 from agent.sources.base import (
+    READ_CHUNK_BYTES,
     BatchBody,
     BatchSource,
     BufferedSource,
@@ -111,7 +112,8 @@ _COPY_BUFFER_BYTES = 256 * 1024
 """Read buffer per thread on the buffered path. Small enough that the bytes `recv_into` just
 wrote are still in the CPU cache when the CRCs and `pwrite` read them, and that each `pwrite`
 holds the file's inode lock briefly: on one 1 GiB object 1 MiB buffers cost 2.8-2.95 s of CPU
-and 256 KiB ones 1.5-1.6 s (docs/benchmarks.md); 64 and 128 KiB were no better."""
+and 256 KiB ones 1.5-1.6 s (docs/benchmarks.md); 64 and 128 KiB were no better. A source
+may ask for larger reads (`read_bytes`, at most `READ_CHUNK_BYTES`)."""
 _KEPT_DIR_FDS = 256
 """Up to this many directories stay open during a copy (saves two opens per file)."""
 _LOOP_MAX_BYTES = 1024 * 1024
@@ -440,6 +442,8 @@ class _Engine:
         self.routed = source if isinstance(source, RoutedSource) else None
         self.batch = source if isinstance(source, BatchSource) else None
         self.multi = source if isinstance(source, MultiGetSource) else None
+        self.read_bytes = min(getattr(source, "read_bytes", _COPY_BUFFER_BYTES), READ_CHUNK_BYTES)
+        """The read buffer per thread: the source's preferred read size, if it has one."""
         self.checksummed = source if isinstance(source, ChecksummedSource) else None
         self.journal = journal
         self.dirs = dirs
@@ -456,7 +460,7 @@ class _Engine:
         """This thread's read buffer, reused for every unit it copies."""
         view: memoryview | None = getattr(self._local, "buffer", None)
         if view is None:
-            view = self._local.buffer = memoryview(bytearray(_COPY_BUFFER_BYTES))
+            view = self._local.buffer = memoryview(bytearray(self.read_bytes))
         return view
 
     def _with_retries(self, what: str, action: Callable[[], None]) -> None:
@@ -533,7 +537,7 @@ class _Engine:
         buf, pos, end = self._buffer(), offset, offset + length
         crc, crc2 = 0, 0
         while pos < end:
-            n = body.readinto(buf[: min(_COPY_BUFFER_BYTES, end - pos)])
+            n = body.readinto(buf[: min(len(buf), end - pos)])
             if n == 0:
                 raise SourceError(f"reading {obj.key!r}: the body ended {end - pos} early")
             if self.cancel.is_set():
