@@ -497,13 +497,7 @@ class _Engine:
             stated = body.checksum
             other, md5 = job.other, job.md5
             if not job.ranged:
-                # A whole-object read learns what to compute from the response itself.
-                other = stated.algorithm if stated and stated.algorithm != "crc64nvme" else None
-                md5 = (
-                    stated is None
-                    and job.path not in self.expected
-                    and bool(checksums.MD5_ETAG.fullmatch(obj.etag))
-                )
+                other, md5 = self.whole_read_digests(job, stated)
             crc_other = checksums.crc_function(other) if other is not None else None
             digest = hashlib.md5(usedforsecurity=False) if md5 else None
             crc, crc2 = self._pump(body, fd, obj, offset, length, crc_other, digest)
@@ -542,17 +536,23 @@ class _Engine:
                 raise SourceError(f"reading {obj.key!r}: the body ended {end - pos} early")
             if self.cancel.is_set():
                 raise FetchCancelled("fetch cancelled")
-            view = buf[:n]
-            written = os.pwrite(fd, view, pos)
-            while written < n:
-                written += os.pwrite(fd, view[written:], pos + written)
-            crc = checksums.crc64(view, crc)
-            if crc_other is not None:
-                crc2 = crc_other(view, crc2)
-            if digest is not None:
-                digest.update(view)
+            crc, crc2 = _write_digesting(fd, buf[:n], pos, crc, crc2, crc_other, digest)
             pos += n
         return crc, crc2
+
+    def whole_read_digests(
+        self, job: _FileJob, stated: ObjectChecksum | None
+    ) -> tuple[str | None, bool]:
+        """What a whole-object read computes besides CRC64/NVME, learnt from the response
+        itself: the CRC algorithm it stated (if not CRC64/NVME), and whether the MD5 is needed
+        (no stated checksum, no manifest entry, and a single-part ETag to compare it with)."""
+        other = stated.algorithm if stated and stated.algorithm != "crc64nvme" else None
+        md5 = (
+            stated is None
+            and job.path not in self.expected
+            and bool(checksums.MD5_ETAG.fullmatch(job.obj.etag))
+        )
+        return other, md5
 
     def _copy_chunks(
         self, fd: int, job: _FileJob, obj: ObjectInfo, offset: int, length: int
@@ -951,15 +951,39 @@ class _Engine:
         return UNVERIFIED
 
 
+def _write_digesting(
+    fd: int,
+    view: memoryview,
+    pos: int,
+    crc: int,
+    crc2: int,
+    crc_other: checksums.Crc | None,
+    digest: hashlib._Hash | None,
+) -> tuple[int, int]:
+    """Writes `view` into the file at `pos`; returns the CRC64/NVME and the `crc_other` CRC
+    (`crc2` unchanged without one) continued over it, and feeds it to `digest`, if any."""
+    n, written = len(view), os.pwrite(fd, view, pos)
+    while written < n:
+        written += os.pwrite(fd, view[written:], pos + written)
+    crc = checksums.crc64(view, crc)
+    if crc_other is not None:
+        crc2 = crc_other(view, crc2)
+    if digest is not None:
+        digest.update(view)
+    return crc, crc2
+
+
 class _Receiving:
     """A file a `MultiGetSource` is delivering."""
 
-    def __init__(self, job: _FileJob, fd: int, stated: ObjectChecksum | None, md5: bool) -> None:
+    def __init__(
+        self, job: _FileJob, fd: int, stated: ObjectChecksum | None, other: str | None, md5: bool
+    ) -> None:
         self.job = job
         self.fd = fd
         self.stated = stated
-        self.other = stated.algorithm if stated and stated.algorithm != "crc64nvme" else None
-        self.crc_other = checksums.crc_function(self.other) if self.other else None
+        self.other = other
+        self.crc_other = checksums.crc_function(other) if other else None
         self.md5 = hashlib.md5(usedforsecurity=False) if md5 else None
         self.pos = 0
         self.crc = 0
@@ -978,26 +1002,15 @@ class _LoopReceiver:
 
     def begin(self, index: int, checksum: ObjectChecksum | None) -> None:
         job = self._jobs[index]
-        md5 = (
-            checksum is None
-            and job.path not in self._engine.expected
-            and bool(checksums.MD5_ETAG.fullmatch(job.obj.etag))
-        )
+        other, md5 = self._engine.whole_read_digests(job, checksum)
         fd = job.fd()
         job.written = True
-        self._receiving[index] = _Receiving(job, fd, checksum, md5)
+        self._receiving[index] = _Receiving(job, fd, checksum, other, md5)
 
     def write(self, index: int, data: memoryview) -> None:
         r = self._receiving[index]
-        n, written = len(data), os.pwrite(r.fd, data, r.pos)
-        while written < n:
-            written += os.pwrite(r.fd, data[written:], r.pos + written)
-        r.pos += n
-        r.crc = checksums.crc64(data, r.crc)
-        if r.crc_other is not None:
-            r.crc2 = r.crc_other(data, r.crc2)
-        if r.md5 is not None:
-            r.md5.update(data)
+        r.crc, r.crc2 = _write_digesting(r.fd, data, r.pos, r.crc, r.crc2, r.crc_other, r.md5)
+        r.pos += len(data)
 
     def end(self, index: int) -> None:
         r = self._receiving.pop(index)
