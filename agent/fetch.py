@@ -1034,10 +1034,11 @@ class _LoopReceiver:
             return
         engine.progress.add(nbytes=job.obj.size)
 
-    def failed(self, index: int, reason: str) -> None:
+    def failed(self, index: int, reason: str, attempted: bool = True) -> None:
         self._receiving.pop(index, None)
         job = self._jobs[index]
-        self._engine.progress.count("retries")
+        if attempted:
+            self._engine.progress.count("retries")
         log.debug("Reading %r again: %s", job.obj.key, reason)
         self.left.append(job)
 

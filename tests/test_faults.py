@@ -671,15 +671,19 @@ def test_throttling_stops_the_small_file_reader_and_the_threads_back_off(
 ) -> None:
     data = many_small_files()
     uri = upload(s3_server, bucket, data)
-    proxy.set_rules(
-        [Rule(Fault("slowdown"), method="GET", path_contains="/ds/s/", numbers=None, limit=2)]
-    )
-    entries, progress = fetch(through(proxy, uri), tmp_path / "dest", FetchSettings(2))
+    proxy.set_rules([Rule(Fault("slowdown"), method="GET", path_contains="/ds/s/", limit=2)])
+    settings = FetchSettings(2, small_object_connections=4)
+    entries, progress = fetch(through(proxy, uri), tmp_path / "dest", settings)
 
     assert tree(tmp_path / "dest") == data
     assert {e.verified for e in entries} == {"crc32"}
     assert proxy.counts() == {"slowdown": 2}
     assert progress.files_done == LOOP_FILES
+    # The two throttled files count as read again; the files the reader never asked for
+    # after the 503s (it stopped there) do not.
+    assert progress.retries == 2
+    # Each file was asked for once, and the two throttled ones once more.
+    assert len(gets(proxy, "s/")) == LOOP_FILES + 2
 
 
 def test_a_small_file_stalled_beyond_the_read_timeout_is_read_again(

@@ -118,6 +118,7 @@ class Recorder:
         self.checksums: dict[int, ObjectChecksum | None] = {}
         self.ended: list[int] = []
         self.failures: dict[int, str] = {}
+        self.unattempted: set[int] = set()
 
     def begin(self, index: int, checksum: ObjectChecksum | None) -> None:
         assert index not in self.bodies, "begun twice"
@@ -131,9 +132,11 @@ class Recorder:
     def end(self, index: int) -> None:
         self.ended.append(index)
 
-    def failed(self, index: int, reason: str) -> None:
+    def failed(self, index: int, reason: str, attempted: bool = True) -> None:
         assert index not in self.ended and index not in self.failures
         self.failures[index] = reason
+        if not attempted:
+            self.unattempted.add(index)
 
 
 def source_for(endpoint: str) -> S3HttpSource:
@@ -202,6 +205,7 @@ def test_no_server_reports_every_object_failed() -> None:
         source = source_for(f"http://127.0.0.1:{port}")
         source.get_many(objects(["a", "b", "c"]), recorder, 2, threading.Event())
     assert set(recorder.failures) == {0, 1, 2}
+    assert recorder.unattempted == {0, 1, 2}
     assert recorder.ended == []
 
 

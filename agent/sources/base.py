@@ -197,9 +197,10 @@ class ObjectReceiver(Protocol):
         """Object `index` was delivered whole."""
         ...
 
-    def failed(self, index: int, reason: str) -> None:
+    def failed(self, index: int, reason: str, attempted: bool = True) -> None:
         """Object `index` was not delivered (whatever part of it was written is void): it must
-        be read again by the engine's other paths, which retry, restart and report."""
+        be read again by the engine's other paths, which retry, restart and report.
+        `attempted` is False for an object whose request was never sent."""
         ...
 
 

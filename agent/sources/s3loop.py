@@ -102,7 +102,7 @@ class Loop:
                     key.data.sock.close()
             self._selector.close()
         for index in self._pending:
-            receiver.failed(index, self.stop_reason or "no connection to read it on")
+            receiver.failed(index, self.stop_reason or "no connection to read it on", False)
 
     def _open(self, count: int) -> list[_Stream]:
         if count <= 0:
@@ -140,7 +140,7 @@ class Loop:
             self._drop(stream)
             replacement = self._connected()
             if replacement is None:
-                self._receiver.failed(index, "cannot open a new connection")
+                self._receiver.failed(index, "cannot open a new connection", False)
                 return
             stream = replacement
             self._register(stream)
