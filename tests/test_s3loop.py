@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import http.server
+import socket
 import ssl
 import threading
 import zlib
@@ -200,25 +201,16 @@ def test_a_cancelled_read_stops(endpoint: str) -> None:
 
 def test_no_server_reports_every_object_failed() -> None:
     recorder = Recorder()
-    # A port nothing listens on: no connection opens.
-    with socket_bound_but_closed() as port:
-        source = source_for(f"http://127.0.0.1:{port}")
-        source.get_many(objects(["a", "b", "c"]), recorder, 2, threading.Event())
+    source = source_for(f"http://127.0.0.1:{closed_port()}")
+    source.get_many(objects(["a", "b", "c"]), recorder, 2, threading.Event())
     assert set(recorder.failures) == {0, 1, 2}
     assert recorder.unattempted == {0, 1, 2}
     assert recorder.ended == []
 
 
-class socket_bound_but_closed:
-    """A loopback port that was free a moment ago (bound, then closed)."""
-
-    def __enter__(self) -> int:
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port: int = sock.getsockname()[1]
-        return port
-
-    def __exit__(self, *exc: object) -> None:
-        pass
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound a moment ago, then closed)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port

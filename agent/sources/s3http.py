@@ -510,6 +510,10 @@ class _Pool:
             for i in range(len(self._idle) - 1, -1, -1):
                 if self._idle[i].host == host:
                     return self._idle.pop(i)
+        return self.connect(host)
+
+    def connect(self, host: str) -> _Connection:
+        """A new connection, outside the pool."""
         return _Connection(
             host,
             self._endpoint.port,
@@ -656,11 +660,10 @@ class S3HttpSource:
         key = self._location.prefix + obj.key
         url = f"s3://{self._location.bucket}/{key}"
         whole = offset == 0 and length == obj.size
-        headers = {"If-Match": obj.etag}
         if whole:
-            headers["x-amz-checksum-mode"] = "ENABLED"
+            headers = _whole_get_headers(obj)
         else:
-            headers["Range"] = f"bytes={offset}-{offset + length - 1}"
+            headers = {"If-Match": obj.etag, "Range": f"bytes={offset}-{offset + length - 1}"}
         response = self._checked("GET", key, {}, headers, url)
         expected = 200 if whole else 206
         declared = response.headers.get("content-length")
@@ -688,23 +691,14 @@ class S3HttpSource:
         over up to `connections` new connections (`agent.sources.s3loop`)."""
         from agent.sources.s3loop import Loop
 
-        settings = self._settings
-
         def connect() -> socket.socket:
-            return _Connection(
-                self._host,
-                self._endpoint.port,
-                self._pool.tls,
-                settings.connect_timeout_seconds,
-                settings.read_timeout_seconds,
-            ).sock
+            return self._pool.connect(self._host).sock
 
         def request(obj: ObjectInfo) -> bytes:
-            path = f"{self._bucket_path}/{uri_encode(self._location.prefix + obj.key, True)}"
-            headers = {"If-Match": obj.etag, "x-amz-checksum-mode": "ENABLED"}
-            return self._request_bytes("GET", path, "", path, headers)
+            path = self._object_path(self._location.prefix + obj.key)
+            return self._request_bytes("GET", path, "", path, _whole_get_headers(obj))
 
-        loop = Loop(connect, request, settings.read_timeout_seconds, cancel)
+        loop = Loop(connect, request, self._settings.read_timeout_seconds, cancel)
         loop.run(objs, receiver, connections)
 
     def head(self, key: str, etag: str | None) -> ObjectFacts:
@@ -773,7 +767,7 @@ class S3HttpSource:
         what: str = "",
     ) -> Response:
         """A request for an object; maps error statuses to the agent's errors."""
-        path = f"{self._bucket_path}/{uri_encode(key, True)}"
+        path = self._object_path(key)
         try:
             response = self._request(method, path, params, headers)
         except (OSError, BadResponse) as exc:
@@ -785,6 +779,10 @@ class S3HttpSource:
         if response.status == 412:
             raise SourceChanged(f"{url} changed while being copied")
         raise SourceError(f"reading {what}{url}: {_code(response, body)}")
+
+    def _object_path(self, key: str) -> str:
+        """The request path of the object `key` (the full key, prefix included)."""
+        return f"{self._bucket_path}/{uri_encode(key, True)}"
 
     def _request(
         self, method: str, path: str, params: dict[str, str], headers: dict[str, str]
@@ -866,6 +864,11 @@ class S3HttpSource:
                 raise _Retryable(_describe(exc)) from exc
             return Response(self._pool, conn, status, response_headers, method == "HEAD")
         raise _Retryable("kept-alive connections closed by the server")
+
+
+def _whole_get_headers(obj: ObjectInfo) -> dict[str, str]:
+    """A whole-object GET: pinned to the listed ETag, asking for the stored checksum."""
+    return {"If-Match": obj.etag, "x-amz-checksum-mode": "ENABLED"}
 
 
 def _quietly(read: Any) -> bytes:

@@ -5,8 +5,8 @@ back, and on thousands of small objects the threads spend more time handing the 
 than copying (about 49 futex calls per object, CPU growing with the thread count). A server
 also works harder for a client that drains its sockets late. One thread waiting on all its
 connections at once (`selectors`) has no one to hand the GIL to, and keeps dozens of
-requests in flight: on 2,000 objects of 20-200 KB it read, checksummed and wrote them in
-about half the time of 16 threads (docs/benchmarks.md).
+requests in flight: on 2,000 objects of 20-200 KB here it read, checksummed and wrote them
+in 0.67-0.83 s where 16 threads took 1.1-1.2 s (docs/benchmarks.md).
 
 This is a fast path for the happy case only. Anything unusual on a response (a status other
 than 200, a body not sized by Content-Length, a reset, a short body, a timeout) makes that
@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from agent.checksums import MULTIPART_ETAG, ObjectChecksum, from_s3_headers
+from agent.checksums import MULTIPART_ETAG, from_s3_headers
 from agent.errors import FetchCancelled
 from agent.sources.base import ObjectInfo, ObjectReceiver
 from agent.sources.s3http import BadResponse, parse_head
@@ -52,7 +52,7 @@ class _Stream:
         self.tls = hasattr(sock, "pending")
         """An SSLSocket: decrypted bytes may wait in it with nothing left on the socket."""
         self.index = -1
-        self.obj: ObjectInfo | None = None
+        """The object being read (its index in the request), -1 between objects."""
         self.head = bytearray()
         self.in_body = False
         self.remaining = 0
@@ -62,7 +62,7 @@ class _Stream:
 
 class Loop:
     """Reads whole objects: `run` returns once each was delivered to the receiver or reported
-    failed. Not thread-safe: one `run` at a time."""
+    failed. Used for one `run` (its selector is closed at the end)."""
 
     def __init__(
         self,
@@ -80,9 +80,8 @@ class Loop:
         self._would_block: tuple[type[BaseException], ...] = (BlockingIOError,)
         self._reconnects = 0
         self._selector = selectors.DefaultSelector()
-        self._stopped = False
-        """A throttling or server error was seen: no new requests."""
-        self.stop_reason = ""
+        self._stop_reason = ""
+        """Set when a throttling or server error was seen: no new requests after it."""
 
     def run(self, objs: Sequence[ObjectInfo], receiver: ObjectReceiver, connections: int) -> None:
         self._pending: Iterator[int] = iter(range(len(objs)))
@@ -102,7 +101,7 @@ class Loop:
                     key.data.sock.close()
             self._selector.close()
         for index in self._pending:
-            receiver.failed(index, self.stop_reason or "no connection to read it on", False)
+            receiver.failed(index, self._stop_reason or "no connection to read it on", False)
 
     def _open(self, count: int) -> list[_Stream]:
         if count <= 0:
@@ -120,7 +119,7 @@ class Loop:
             return None
         sock.setblocking(False)
         stream = _Stream(sock)
-        if stream.tls and len(self._would_block) == 1:
+        if stream.tls:
             import ssl
 
             self._would_block = (BlockingIOError, ssl.SSLWantReadError)
@@ -132,7 +131,7 @@ class Loop:
     def _next(self, stream: _Stream) -> None:
         """Starts the next object on `stream` (or on a new connection, when the server closes
         this one), or closes it when there is none to start."""
-        index = None if self._stopped else next(self._pending, None)
+        index = None if self._stop_reason else next(self._pending, None)
         if index is None:
             self._drop(stream)
             return
@@ -144,12 +143,11 @@ class Loop:
                 return
             stream = replacement
             self._register(stream)
-        obj = self._objs[index]
-        stream.index, stream.obj = index, obj
+        stream.index = index
         stream.head.clear()
         stream.in_body = False
         stream.last_activity = time.monotonic()
-        request = self._request(obj)
+        request = self._request(self._objs[index])
         try:
             sent = stream.sock.send(request)
         except OSError as exc:
@@ -235,12 +233,10 @@ class Loop:
             status, headers = parse_head(head)
         except BadResponse as exc:
             raise _Failure(str(exc)) from exc
-        obj = stream.obj
-        assert obj is not None
+        obj = self._objs[stream.index]
         if status != 200:
             if status in _STOP_STATUSES:
-                self._stopped = True
-                self.stop_reason = f"the server answered HTTP {status}: read one by one"
+                self._stop_reason = f"the server answered HTTP {status}: read one by one"
             raise _Failure(f"HTTP {status}")
         if "chunked" in headers.get("transfer-encoding", "").lower():
             raise _Failure("chunked body")
@@ -249,7 +245,6 @@ class Loop:
                 f"expected {obj.size} bytes, the response has {headers.get('content-length')}"
             )
         stream.keep_alive = "close" not in headers.get("connection", "").lower()
-        checksum: ObjectChecksum | None
         checksum = from_s3_headers(headers, MULTIPART_ETAG.fullmatch(obj.etag) is not None)[0]
         stream.in_body = True
         stream.remaining = obj.size
@@ -264,7 +259,7 @@ class Loop:
         self._drop(stream)
         if index >= 0:
             self._receiver.failed(index, reason)
-        if self._stopped or self._reconnects <= 0:
+        if self._stop_reason or self._reconnects <= 0:
             return
         self._reconnects -= 1
         replacement = self._connected()
