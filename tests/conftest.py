@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +16,52 @@ import pytest
 
 from datacache.localcluster import ClusterError, LocalCluster, free_port, s3_client, wait_until
 from tests.fakekube import FakeKubeAPI
+
+_THREAD_STOP_SECONDS = 10.0
+_reported: set[threading.Thread] = set()
+"""Threads already reported by a test, not reported again at the end of the session."""
+
+
+def _fail_on_threads_left(before: set[threading.Thread], where: str) -> None:
+    """Fails when a non-daemon thread started since `before` is still running: at exit the
+    interpreter waits for every such thread, so one left in accept() or recv() keeps the test
+    run from ever finishing."""
+    left = [
+        t for t in threading.enumerate() if t not in before and not t.daemon and t not in _reported
+    ]
+    deadline = time.monotonic() + _THREAD_STOP_SECONDS
+    for thread in left:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = sorted(t.name for t in left if t.is_alive())
+    _reported.update(t for t in left if t.is_alive())
+    assert not stuck, f"{where} left non-daemon threads running: {stuck}; stop and join them"
+
+
+_EXIT_WATCHDOG_SECONDS = 120
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Once the run is over, a process that has not exited within two minutes prints every
+    thread's stack and exits with status 1: a hang at exit then fails the run with the
+    culprit named, instead of holding it until the CI's own limit."""
+    faulthandler.dump_traceback_later(
+        _EXIT_WATCHDOG_SECONDS, exit=True, file=sys.__stderr__ or sys.stderr
+    )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_thread_left_by_the_session() -> Iterator[None]:
+    before = set(threading.enumerate())
+    yield
+    _fail_on_threads_left(before, "the session's fixtures")
+
+
+@pytest.fixture(autouse=True)
+def no_thread_left_by_the_test() -> Iterator[None]:
+    before = set(threading.enumerate())
+    yield
+    _fail_on_threads_left(before, "this test")
 
 
 @pytest.fixture(scope="session")

@@ -277,7 +277,11 @@ class RecordingProxy:
                 client, _ = self._server.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(self._upstream, timeout=10)
+            try:
+                upstream = socket.create_connection(self._upstream, timeout=10)
+            except OSError:
+                client.close()
+                continue
             with self._lock:
                 self._sockets += [client, upstream]
             for src, dst, record in ((client, upstream, True), (upstream, client, False)):
@@ -300,13 +304,21 @@ class RecordingProxy:
                     s.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
+        # shutdown() wakes the thread blocked in accept(); close() alone does not on Linux,
+        # and a thread left in accept() keeps the test process from exiting.
+        with contextlib.suppress(OSError):
+            self._server.shutdown(socket.SHUT_RDWR)
         self._server.close()
         self._accepting.join(10)
         with self._lock:
             for s in self._sockets:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
                 s.close()
         for thread in self._threads:
             thread.join(10)
+        stuck = [t.name for t in (self._accepting, *self._threads) if t.is_alive()]
+        assert not stuck, f"proxy threads did not stop: {stuck}"
 
 
 @pytest.fixture
