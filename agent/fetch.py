@@ -90,6 +90,7 @@ from agent.sources.base import (
     BatchSource,
     BufferedSource,
     ChecksummedSource,
+    LentRangeBody,
     MultiGetSource,
     ObjectInfo,
     PartLayout,
@@ -528,6 +529,8 @@ class _Engine:
         """Writes the next `length` bytes of `body` into the file at `offset` through this
         thread's buffer; returns their CRC64/NVME and their CRC by `crc_other` (0 without),
         and feeds them to the MD5 `digest` when there is one."""
+        if isinstance(body, LentRangeBody):
+            return self._pump_lent(body, fd, obj, offset, length, crc_other, digest)
         buf, pos, end = self._buffer(), offset, offset + length
         crc, crc2 = 0, 0
         while pos < end:
@@ -537,6 +540,33 @@ class _Engine:
             if self.cancel.is_set():
                 raise FetchCancelled("fetch cancelled")
             crc, crc2 = _write_digesting(fd, buf[:n], pos, crc, crc2, crc_other, digest)
+            pos += n
+        return crc, crc2
+
+    def _pump_lent(
+        self,
+        body: LentRangeBody,
+        fd: int,
+        obj: ObjectInfo,
+        offset: int,
+        length: int,
+        crc_other: checksums.Crc | None,
+        digest: hashlib._Hash | None,
+    ) -> tuple[int, int]:
+        """`_pump` writing straight from the source's own buffers (no copy into ours)."""
+        pos, end = offset, offset + length
+        crc, crc2 = 0, 0
+
+        def consume(view: memoryview) -> None:
+            nonlocal crc, crc2
+            crc, crc2 = _write_digesting(fd, view, pos, crc, crc2, crc_other, digest)
+
+        while pos < end:
+            n = body.read_lent(min(self.read_bytes, end - pos), consume)
+            if n == 0:
+                raise SourceError(f"reading {obj.key!r}: the body ended {end - pos} early")
+            if self.cancel.is_set():
+                raise FetchCancelled("fetch cancelled")
             pos += n
         return crc, crc2
 

@@ -6,6 +6,7 @@ server failures."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import random
@@ -21,7 +22,7 @@ from agent.errors import SourceChanged, SourceError
 from agent.fetch import FetchSettings, Progress, fetch_into, plan
 from agent.sources import READ_CHUNK_BYTES, ObjectInfo, Source, SourceOpener
 from agent.sources import nfs as nfs_module
-from agent.sources.base import StreamingSource
+from agent.sources.base import LentRangeBody, StreamingSource
 from agent.sources.local import LocalDirSource
 from agent.sources.nfs import NfsSource
 from agent.sources.nfs_settings import NfsSettings
@@ -205,6 +206,7 @@ def read(source: Source, obj: ObjectInfo, offset: int, length: int) -> bytes:
     # or whole objects (of any size).
     if isinstance(source, StreamingSource) and (length > 0 or (offset, obj.size) == (0, 0)):
         assert read_into(source, obj, offset, length) == data
+        assert read_lent(source, obj, offset, length) in (None, data)
     return data
 
 
@@ -217,6 +219,35 @@ def read_into(source: StreamingSource, obj: ObjectInfo, offset: int, length: int
             assert n <= len(view)
             out += view[:n]
         assert body.readinto(view) == 0
+    finally:
+        body.close()
+    return bytes(out)
+
+
+def read_lent(
+    source: StreamingSource,
+    obj: ObjectInfo,
+    offset: int,
+    length: int,
+    consume: Callable[[memoryview], None] | None = None,
+) -> bytes | None:
+    """The range read from the source's own buffers (`LentRangeBody.read_lent`) with a limit
+    of an odd size, or None when its bodies do not lend buffers. `consume`, when given, sees
+    each view before it is copied."""
+    body = source.open_range(obj, offset, length)
+    try:
+        if not isinstance(body, LentRangeBody):
+            return None
+        out = bytearray()
+
+        def keep(view: memoryview) -> None:
+            if consume is not None:
+                consume(view)
+            out.extend(view)
+
+        while n := body.read_lent(100_003, keep):
+            assert n <= 100_003
+        assert body.read_lent(100_003, keep) == 0
     finally:
         body.close()
     return bytes(out)
@@ -429,6 +460,38 @@ def test_nfs_uri_with_port_and_bounded_connection_pool(nfs_server: NfsServer, ve
 
 
 @pytest.mark.parametrize("version", [3, 4])
+def test_nfs_lent_read_raises_what_its_consumer_raised_and_the_connection_goes_on(
+    nfs_server: NfsServer, version: int
+) -> None:
+    """A failure while the bytes are being written (a full disk, say) is raised to the engine
+    as it is, not lost in libnfs's callback; the reply was read whole, so the next read on the
+    same connection gets the right bytes."""
+    base = nfs_server.export_dir / f"lent-v{version}"
+    body = os.urandom(3 * READ_CHUNK_BYTES + 17)
+    base.mkdir()
+    (base / "f").write_bytes(body)
+    source = SourceOpener(S3Settings(), NfsSettings(version=version, max_connections=1)).open(
+        f"nfs://{nfs_server.address}/export/{base.name}/"
+    )
+    assert isinstance(source, NfsSource)
+    seen: list[int] = []
+
+    def full_disk(view: memoryview) -> None:
+        seen.append(len(view))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    try:
+        obj = by_key(source)["f"]
+        with pytest.raises(OSError) as info:
+            read_lent(source, obj, 5, obj.size - 5, full_disk)
+        assert info.value.errno == errno.ENOSPC
+        assert seen == [100_003]
+        assert read_lent(source, obj, 0, obj.size) == body
+    finally:
+        source.close()
+
+
+@pytest.mark.parametrize("version", [3, 4])
 def test_nfs_missing_directory_names_server_and_path(nfs_server: NfsServer, version: int) -> None:
     location = NfsLocation(nfs_server.address, None, "/export/no-such-dataset/")
     source = NfsSource(location, NfsSettings(version=version))
@@ -453,10 +516,22 @@ def test_nfs_version_must_be_3_or_4() -> None:
         NfsSource(location, NfsSettings(version=2))
 
 
+def lent_chunks(source: NfsSource, obj: ObjectInfo, offset: int, length: int) -> Iterator[bytes]:
+    """`read_range` through `read_lent`, as the engine reads NFS."""
+    body = source.open_range(obj, offset, length)
+    try:
+        chunks: list[bytes] = []
+        while body.read_lent(READ_CHUNK_BYTES, lambda view: chunks.append(bytes(view))):
+            yield chunks.pop()
+    finally:
+        body.close()
+
+
 @pytest.mark.parametrize("version", [3, 4])
 @pytest.mark.parametrize("failure", ["killed", "unreachable"])
+@pytest.mark.parametrize("reading", ["into our buffer", "from libnfs's buffer"])
 def test_nfs_server_gone_mid_read_is_a_bounded_source_error(
-    tmp_path: Path, version: int, failure: str
+    tmp_path: Path, version: int, failure: str, reading: str
 ) -> None:
     skip_without_nfs()
     timeout = 2
@@ -469,7 +544,10 @@ def test_nfs_server_gone_mid_read_is_a_bounded_source_error(
         assert isinstance(source, NfsSource)
         try:
             obj = by_key(source)["big"]
-            chunks = source.read_range(obj, 0, obj.size)
+            if reading == "into our buffer":
+                chunks = source.read_range(obj, 0, obj.size)
+            else:
+                chunks = lent_chunks(source, obj, 0, obj.size)
             assert next(chunks) == body[:READ_CHUNK_BYTES]
             if failure == "killed":
                 server.kill_ganesha()

@@ -9,7 +9,7 @@ Every implementation passes the same conformance suite (tests/test_sources.py).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -96,6 +96,18 @@ class RangeBody(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class LentRangeBody(RangeBody, Protocol):
+    """A range body that can also lend its own buffer instead of filling the caller's: one
+    copy fewer per byte (NFS, whose library holds each reply in a buffer of its own)."""
+
+    def read_lent(self, limit: int, consume: Callable[[memoryview], None]) -> int:
+        """Reads the next bytes (at most `limit`, fewer only at the end of the range, 0 after
+        it) and calls `consume` once with them. The view is valid only during that call;
+        what `consume` raises is raised here, and the range must then be read again."""
+        ...
 
 
 @runtime_checkable

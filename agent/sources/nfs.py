@@ -47,6 +47,7 @@ import errno
 import logging
 import os
 import secrets
+import select
 import socket
 import threading
 import time
@@ -148,6 +149,8 @@ _Dirent._fields_ = [
 ]
 
 _P = ctypes.c_void_p
+_READ_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_int, _P, _P, _P)
+"""nfs_cb: (status: bytes read or -errno, context, data or error string, private data)."""
 _PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "nfs_init_context": (_P, []),
     "nfs_destroy_context": (None, [_P]),
@@ -168,6 +171,13 @@ _PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "nfs_open": (ctypes.c_int, [_P, ctypes.c_char_p, ctypes.c_int, ctypes.POINTER(_P)]),
     "nfs_pread": (ctypes.c_int, [_P, _P, ctypes.c_uint64, ctypes.c_uint64, _P]),
     "nfs_close": (ctypes.c_int, [_P, _P]),
+    "nfs_pread_async": (
+        ctypes.c_int,
+        [_P, _P, ctypes.c_uint64, ctypes.c_uint64, _READ_CALLBACK, _P],
+    ),
+    "nfs_get_fd": (ctypes.c_int, [_P]),
+    "nfs_which_events": (ctypes.c_int, [_P]),
+    "nfs_service": (ctypes.c_int, [_P, ctypes.c_int]),
 }
 _lib: ctypes.CDLL | None = None
 _lib_lock = threading.Lock()
@@ -216,6 +226,11 @@ class _Context:
         if not ptr:
             raise _CallFailed(errno.ENOMEM, "nfs_init_context", "libnfs could not allocate")
         self.ptr: int = ptr
+        self.timeout_seconds = settings.timeout_seconds
+        self._lent: _LentRead | None = None
+        # Kept as long as the context: libnfs calls it for every reply, and again for the
+        # reads still pending when the context is destroyed.
+        self._on_read_callback = _READ_CALLBACK(self._on_read)
         try:
             self.check(lib.nfs_set_version(ptr, settings.version), "nfs_set_version")
             if settings.version == 4:
@@ -235,12 +250,13 @@ class _Context:
     def check(self, rc: int, what: str) -> int:
         if rc >= 0:
             return rc
-        code = -rc
+        raw = self.lib.nfs_get_error(self.ptr)
+        raise self._failed(-rc, what, raw.decode(errors="replace") if raw else os.strerror(-rc))
+
+    def _failed(self, code: int, what: str, detail: str) -> _CallFailed:
         if code not in _HARMLESS_ERRNOS:
             self.broken = True
-        raw = self.lib.nfs_get_error(self.ptr)
-        detail = raw.decode(errors="replace") if raw else os.strerror(code)
-        raise _CallFailed(code, what, detail)
+        return _CallFailed(code, what, detail)
 
     def set_port(self, port: int) -> None:
         # libnfs 4.0.0 has no setter for the NFS port: URL arguments are the only way in.
@@ -301,11 +317,82 @@ class _Context:
         target = (ctypes.c_char * len(view)).from_buffer(view)
         return self.check(self.lib.nfs_pread(self.ptr, handle, offset, len(view), target), "read")
 
+    def pread_lent(
+        self, handle: int, offset: int, count: int, consume: Callable[[memoryview], None]
+    ) -> int:
+        """Reads `count` bytes (at most `MAX_READ_BYTES`) at `offset` and calls `consume` with
+        them while they are still in libnfs's reply buffer: no copy into a buffer of ours.
+        Returns the bytes read (0 at end of file). Waits at most `timeout_seconds`."""
+        read = self._lent = _LentRead(consume)
+        try:
+            self.check(
+                self.lib.nfs_pread_async(
+                    self.ptr, handle, offset, count, self._on_read_callback, None
+                ),
+                "read",
+            )
+            self._serve_until(read)
+        finally:
+            self._lent = None
+        if read.error is not None:
+            raise read.error
+        assert read.status is not None
+        if read.status < 0:
+            raise self._failed(-read.status, "read", read.detail)
+        return read.status
+
+    def _serve_until(self, read: _LentRead) -> None:
+        poller = select.poll()
+        fd = self.lib.nfs_get_fd(self.ptr)
+        deadline = time.monotonic() + self.timeout_seconds
+        while read.status is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self._failed(
+                    errno.ETIMEDOUT, "read", f"no reply within {self.timeout_seconds} s"
+                )
+            poller.register(fd, self.lib.nfs_which_events(self.ptr))
+            ready = poller.poll(min(left, 1.0) * 1000)
+            serviced = self.lib.nfs_service(self.ptr, ready[0][1] if ready else 0)
+            if serviced < 0 and read.status is None:
+                self.check(-errno.EIO, "read")
+
+    def _on_read(self, status: int, _nfs: int | None, data: int | None, _private: Any) -> None:
+        read = self._lent
+        if read is None:
+            return  # a read abandoned after its timeout, cancelled as the context goes
+        if status < 0:
+            read.detail = ctypes.string_at(data).decode(errors="replace") if data else ""
+            read.detail = read.detail or os.strerror(-status)
+        elif status > 0 and data:
+            view = memoryview((ctypes.c_char * status).from_address(data)).cast("B")
+            try:
+                read.consume(view)
+            except BaseException as exc:  # raised in a C callback, it would be lost
+                read.error = exc
+            finally:
+                view.release()
+        read.status = status
+
     def close(self, handle: int) -> None:
         # On a broken connection the close would only wait for its timeout; destroying the
         # context frees the handle.
         if not self.broken:
             self.check(self.lib.nfs_close(self.ptr, handle), "close")
+
+
+class _LentRead:
+    """One `pread_lent` in flight: what to do with its bytes, and how it ended."""
+
+    __slots__ = ("consume", "detail", "error", "status")
+
+    def __init__(self, consume: Callable[[memoryview], None]) -> None:
+        self.consume = consume
+        self.status: int | None = None
+        """Bytes read, or -errno; None until the reply came."""
+        self.detail = ""
+        self.error: BaseException | None = None
+        """What `consume` raised."""
 
 
 @dataclass(frozen=True)
@@ -667,12 +754,23 @@ class _RangeBody:
             raise self._source._error(self._path, exc) from exc.os_error
 
     def readinto(self, view: memoryview) -> int:
+        return self._read(
+            len(view), lambda ctx, want: ctx.pread_into(self._handle, self._pos, view[:want])
+        )
+
+    def read_lent(self, limit: int, consume: Callable[[memoryview], None]) -> int:
+        """`readinto` without the copy (`LentRangeBody`)."""
+        return self._read(
+            limit, lambda ctx, want: ctx.pread_lent(self._handle, self._pos, want, consume)
+        )
+
+    def _read(self, limit: int, call: Callable[[_Context, int], int]) -> int:
         ctx = self._ctx
         if ctx is None or self._pos >= self._end:
             return 0
-        want = min(len(view), MAX_READ_BYTES, self._end - self._pos)
+        want = min(limit, MAX_READ_BYTES, self._end - self._pos)
         try:
-            got = ctx.pread_into(self._handle, self._pos, view[:want])
+            got = call(ctx, want)
         except _CallFailed as exc:
             raise self._source._error(self._path, exc) from exc.os_error
         if got == 0:
