@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import hashlib
 import subprocess
 import sys
 import threading
@@ -70,6 +71,14 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster
     with LocalCluster(tmp_path_factory.mktemp("s3")) as cluster:
         cluster.start_s3()
         yield cluster
+
+
+@pytest.fixture
+def bucket(s3_server: LocalCluster, request: pytest.FixtureRequest) -> str:
+    """A bucket of this test's own on the shared S3 server."""
+    name = "t-" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:16]
+    s3_server.create_bucket(name)
+    return name
 
 
 @pytest.fixture

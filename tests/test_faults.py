@@ -6,7 +6,6 @@ never with a partial file where a complete one is expected.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import http.server
 import json
@@ -45,13 +44,6 @@ CLI_TIMEOUT = 60.0
 def credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     for key, value in DEMO_CREDENTIALS.items():
         monkeypatch.setenv(key, value)
-
-
-@pytest.fixture
-def bucket(s3_server: LocalCluster, request: pytest.FixtureRequest) -> str:
-    name = "faults-" + hashlib.sha256(request.node.name.encode()).hexdigest()[:12]
-    s3_server.create_bucket(name)
-    return name
 
 
 @pytest.fixture

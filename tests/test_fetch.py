@@ -47,13 +47,6 @@ def source(endpoint: str, uri: str) -> Source:
     return SourceOpener(S3Settings(endpoint_url=endpoint)).open(uri)
 
 
-@pytest.fixture
-def bucket(s3_server: LocalCluster, request: pytest.FixtureRequest) -> Iterator[str]:
-    name = "fetch-" + hashlib.sha256(request.node.name.encode()).hexdigest()[:12]
-    s3_server.create_bucket(name)
-    yield name
-
-
 def test_copies_small_and_ranged_files_and_verifies(
     s3_server: LocalCluster, bucket: str, tmp_path: Path
 ) -> None:

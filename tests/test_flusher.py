@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import errno
 import functools
-import hashlib
 import os
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -62,13 +60,6 @@ def test_the_first_failure_cancels_abandons_the_rest_and_is_raised() -> None:
 def test_needs_a_thread() -> None:
     with pytest.raises(ValueError, match="at least one thread"):
         Flusher(0, threading.Event())
-
-
-@pytest.fixture
-def bucket(s3_server: LocalCluster, request: pytest.FixtureRequest) -> Iterator[str]:
-    name = "flush-" + hashlib.sha256(request.node.name.encode()).hexdigest()[:12]
-    s3_server.create_bucket(name)
-    yield name
 
 
 def test_a_failed_fsync_fails_the_copy_with_its_error_and_journals_nothing_after_it(
