@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import hashlib
+import shutil
 import subprocess
 import sys
 import threading
@@ -71,6 +72,15 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster
     with LocalCluster(tmp_path_factory.mktemp("s3")) as cluster:
         cluster.start_s3()
         yield cluster
+
+
+def agent_cli() -> str:
+    """The installed `datacache-agent` command, beside this interpreter when it is there."""
+    beside = Path(sys.executable).with_name("datacache-agent")
+    found = str(beside) if beside.exists() else shutil.which("datacache-agent")
+    if found is None:
+        pytest.fail("datacache-agent is not installed: pip install -e . from the repository")
+    return found
 
 
 @pytest.fixture

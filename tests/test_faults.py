@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,7 +31,7 @@ from agent.sources.s3 import S3ObjectSource, S3Settings, s3_client
 from datacache.localcluster import DEMO_CREDENTIALS, LocalCluster, wait_until
 from datacache.localcluster import s3_client as admin_client
 from datacache.validation import S3Source, parse_source
-from tests.conftest import mounted_tmpfs
+from tests.conftest import agent_cli, mounted_tmpfs
 from tests.faultproxy import Fault, FaultProxy, Request, Rule
 
 MiB = 1 << 20
@@ -92,14 +91,6 @@ def gets(proxy: FaultProxy, key: str) -> list[Request]:
 
 def range_of(offset: int, length: int) -> str:
     return f"bytes={offset}-{offset + length - 1}"
-
-
-def agent_cli() -> str:
-    beside = Path(sys.executable).with_name("datacache-agent")
-    found = str(beside) if beside.exists() else shutil.which("datacache-agent")
-    if found is None:
-        pytest.fail("datacache-agent is not installed: pip install -e . from the repository")
-    return found
 
 
 def run_agent_fetch(endpoint: str, uri: str, dest: Path) -> subprocess.CompletedProcess[str]:

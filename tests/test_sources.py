@@ -10,6 +10,8 @@ import errno
 import hashlib
 import os
 import random
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +35,7 @@ from datacache.localcluster import s3_client as admin_client
 from datacache.validation import NfsSource as NfsLocation
 from datacache.validation import S3Source as S3Location
 from datacache.validation import parse_source
+from tests.conftest import agent_cli, mounted_tmpfs
 from tests.nfsserver import NfsServer, unavailable_reason
 
 BACKENDS = ["s3-seaweedfs", "s3-moto", "s3-boto3", "file", "nfs3", "nfs4"]
@@ -489,6 +492,47 @@ def test_nfs_lent_read_raises_what_its_consumer_raised_and_the_connection_goes_o
         assert read_lent(source, obj, 0, obj.size) == body
     finally:
         source.close()
+
+
+@pytest.mark.parametrize("version", [3, 4])
+def test_nfs_fetch_onto_a_full_disk_fails_cleanly(
+    nfs_server: NfsServer, version: int, tmp_path: Path
+) -> None:
+    """ENOSPC raised while writing from libnfs's reply buffers: the copy fails with "disk
+    full", and neither the destination nor its staging directory is left on the disk."""
+    base = nfs_server.export_dir / f"full-v{version}"
+    base.mkdir()
+    (base / "big.bin").write_bytes(os.urandom(12 * 1024 * 1024))
+    for i in range(4):
+        (base / f"f{i}.bin").write_bytes(os.urandom(2 * 1024 * 1024))
+    with mounted_tmpfs(tmp_path / "tmpfs", "8m") as disk:
+        keep = os.urandom(1024 * 1024)
+        (disk / "keep.bin").write_bytes(keep)
+        free_before = shutil.disk_usage(disk).free
+        result = subprocess.run(
+            [
+                agent_cli(),
+                "fetch",
+                f"nfs://{nfs_server.address}/export/{base.name}/",
+                str(disk / "ds"),
+                f"--nfs-version={version}",
+                "--concurrency=4",
+                f"--part-bytes={1024 * 1024}",
+                f"--multipart-threshold-bytes={1024 * 1024}",
+                "--no-progress",
+                "--log-format=json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+        assert result.returncode == 1, (result.stdout, result.stderr)
+        assert "disk full" in result.stderr
+        assert result.stdout == ""
+        assert [p.name for p in disk.iterdir()] == ["keep.bin"]
+        assert (disk / "keep.bin").read_bytes() == keep
+        assert shutil.disk_usage(disk).free == free_before
 
 
 @pytest.mark.parametrize("version", [3, 4])
