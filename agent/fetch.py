@@ -66,6 +66,7 @@ from typing import Any
 
 from agent import checksums, pagecache
 from agent.checksums import CompositeChecksum, ObjectChecksum
+from agent.destination import DIR_FLAGS, Dirs, fsync_tree, prune
 from agent.errors import (
     AgentError,
     DiskFull,
@@ -106,7 +107,6 @@ VERIFIED_MD5_MULTIPART = "md5-multipart"
 VERIFIED_COMPOSITE_SUFFIX = "-composite"
 """After an algorithm's name: the multipart upload's composite checksum matched."""
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MAX_RESTARTS = 3
 _RETRY_REASONS = {"retries": "transport", "checksum_failures": "checksum", "restarts": "changed"}
 _COPY_BUFFER_BYTES = 256 * 1024
@@ -115,8 +115,6 @@ wrote are still in the CPU cache when the CRCs and `pwrite` read them, and that 
 holds the file's inode lock briefly: on one 1 GiB object 1 MiB buffers cost 2.8-2.95 s of CPU
 and 256 KiB ones 1.5-1.6 s (docs/benchmarks.md); 64 and 128 KiB were no better. A source
 may ask for larger reads (`read_bytes`, at most `READ_CHUNK_BYTES`)."""
-_KEPT_DIR_FDS = 256
-"""Up to this many directories stay open during a copy (saves two opens per file)."""
 _LOOP_MAX_BYTES = 1024 * 1024
 """Files up to this size go to a `MultiGetSource`'s one-thread reader: for them the cost is
 per object; larger ones are read by the threads, whose checksums run in parallel."""
@@ -262,66 +260,6 @@ def plan(objects: list[ObjectInfo]) -> tuple[list[PlannedFile], list[tuple[str, 
     return kept, refused
 
 
-def _open_dir(root_fd: int, parts: tuple[str, ...], create: bool) -> int:
-    """Opens the directory root/parts... without following symlinks, creating it if asked."""
-    fd = os.dup(root_fd)
-    try:
-        for part in parts:
-            if create:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(part, 0o755, dir_fd=fd)
-            nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
-            os.close(fd)
-            fd = nxt
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-class _Dirs:
-    """Descriptors of the copy's directories, opened once (each without following symlinks)
-    when there are few enough of them to keep open; otherwise opened per file."""
-
-    def __init__(self, root_fd: int, dirs: list[tuple[str, ...]]) -> None:
-        self.root_fd = root_fd
-        self._fds: dict[tuple[str, ...], int] = {}
-        self._keep = len(dirs) <= _KEPT_DIR_FDS
-
-    def create(self, dirs: list[tuple[str, ...]]) -> None:
-        """Creates the directories (parents first, as `dirs` is ordered)."""
-        for parts in dirs:
-            parent = self._fds.get(parts[:-1]) if len(parts) > 1 else self.root_fd
-            if parent is not None:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(parts[-1], 0o755, dir_fd=parent)
-                fd = os.open(parts[-1], _DIR_FLAGS, dir_fd=parent)
-            else:
-                fd = _open_dir(self.root_fd, parts, create=True)
-            if self._keep:
-                self._fds[parts] = fd
-            else:
-                os.close(fd)
-
-    def open_file(self, parts: tuple[str, ...], flags: int) -> int:
-        if not parts[:-1]:
-            return os.open(parts[-1], flags, 0o644, dir_fd=self.root_fd)
-        parent = self._fds.get(parts[:-1])
-        if parent is not None:
-            return os.open(parts[-1], flags, 0o644, dir_fd=parent)
-        parent = _open_dir(self.root_fd, parts[:-1], create=False)
-        try:
-            return os.open(parts[-1], flags, 0o644, dir_fd=parent)
-        finally:
-            os.close(parent)
-
-    def close(self) -> None:
-        fds, self._fds = self._fds, {}
-        for fd in fds.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-
 @dataclass
 class _Digests:
     """What one unit computed over its bytes."""
@@ -340,7 +278,7 @@ class _FileJob:
     A file is read whole (one unit) or as ranges: `part_bytes` ranges, or the parts of its
     multipart upload when they are needed to verify it (`layout`)."""
 
-    def __init__(self, planned: PlannedFile, dirs: _Dirs) -> None:
+    def __init__(self, planned: PlannedFile, dirs: Dirs) -> None:
         self.planned = planned
         self.path = "/".join(planned.parts)
         self.obj = planned.obj
@@ -430,7 +368,7 @@ class _Engine:
     def __init__(
         self,
         source: Source,
-        dirs: _Dirs,
+        dirs: Dirs,
         settings: FetchSettings,
         progress: Progress,
         cancel: threading.Event,
@@ -1074,7 +1012,7 @@ class _LoopReceiver:
 
 
 def _keep_intact(
-    dirs: _Dirs, files: list[PlannedFile], resume: Mapping[str, FileEntry]
+    dirs: Dirs, files: list[PlannedFile], resume: Mapping[str, FileEntry]
 ) -> dict[str, FileEntry]:
     """The journalled files that still match the listing and read back intact."""
     kept: dict[str, FileEntry] = {}
@@ -1118,32 +1056,6 @@ def _kept_ranges(
     return found
 
 
-def _prune(dest: Path, keep: set[str], dirs: list[tuple[str, ...]]) -> None:
-    """Removes from `dest` everything but the kept files and the directories they need, without
-    following symlinks."""
-    needed = {"/".join(d) for d in dirs}
-    for top, dirnames, filenames in os.walk(dest, topdown=False):
-        rel_top = os.path.relpath(top, dest)
-        for name in filenames + dirnames:
-            rel = name if rel_top == "." else f"{rel_top}/{name}"
-            full = os.path.join(top, name)
-            if os.path.islink(full) or not os.path.isdir(full):
-                if rel not in keep:
-                    os.unlink(full)
-            elif rel not in needed:
-                os.rmdir(full)
-
-
-def _fsync_tree(root_fd: int, dirs: list[tuple[str, ...]]) -> None:
-    for parts in sorted(dirs, key=len, reverse=True):
-        fd = _open_dir(root_fd, parts, create=False)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    os.fsync(root_fd)
-
-
 def fetch_into(
     source: Source,
     files: list[PlannedFile],
@@ -1164,14 +1076,14 @@ def fetch_into(
     progress.files_total = len(files)
     progress.bytes_total = sum(f.obj.size for f in files)
     dirs = sorted({p.parts[:i] for p in files for i in range(1, len(p.parts))}, key=len)
-    root_fd = os.open(dest, _DIR_FLAGS)
-    tree = _Dirs(root_fd, dirs)
+    root_fd = os.open(dest, DIR_FLAGS)
+    tree = Dirs(root_fd, dirs)
     jobs: list[_FileJob] = []
     try:
         resume = resume if resume is not None else {}
         kept = _keep_intact(tree, files, resume)
         partial = _kept_ranges(files, resume, kept)
-        _prune(dest, set(kept) | set(partial), dirs)
+        prune(dest, set(kept) | set(partial), dirs)
         tree.create(dirs)
         engine = _Engine(source, tree, settings, progress, cancel, expected or {}, journal)
         if kept:
@@ -1234,7 +1146,7 @@ def fetch_into(
         if cancel.is_set():
             raise FetchCancelled("fetch cancelled")
         if settings.fsync:
-            _fsync_tree(root_fd, dirs)
+            fsync_tree(root_fd, dirs)
         return engine.entries
     except AgentError:
         raise
