@@ -6,6 +6,7 @@ server failures."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import os
@@ -492,6 +493,27 @@ def test_nfs_lent_read_raises_what_its_consumer_raised_and_the_connection_goes_o
         assert read_lent(source, obj, 0, obj.size) == body
     finally:
         source.close()
+
+
+def test_nfs_lent_read_refuses_a_reply_longer_than_asked_or_without_data() -> None:
+    """libnfs's callback is trusted with no more than the read asked for: more bytes, or a
+    count with no buffer, fail the read (EIO) and reach no writer."""
+    skip_without_nfs()
+    ctx = nfs_module._Context(nfs_module.libnfs(), NfsSettings(), "lent-guard")
+    try:
+        reply = ctypes.create_string_buffer(b"x" * 20)
+        seen: list[bytes] = []
+        for status, data in ((20, ctypes.addressof(reply)), (5, None)):
+            read = ctx._lent = nfs_module._LentRead(lambda view: seen.append(bytes(view)), 10)
+            ctx._on_read(status, None, data, None)
+            assert (read.status, seen) == (-errno.EIO, [])
+            assert f"{status} bytes for 10" in read.detail
+        read = ctx._lent = nfs_module._LentRead(lambda view: seen.append(bytes(view)), 10)
+        ctx._on_read(10, None, ctypes.addressof(reply), None)
+        assert (read.status, seen) == (10, [b"x" * 10])
+    finally:
+        ctx._lent = None
+        ctx.destroy()
 
 
 @pytest.mark.parametrize("version", [3, 4])

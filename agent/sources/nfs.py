@@ -29,9 +29,9 @@ Design choices:
 - **Reads of at most 1 MiB per call.** Larger `nfs_pread`s over NFSv4 fail in libnfs 4.0.0,
   and 1 MiB (`READ_CHUNK_BYTES`) bounds buffer memory per reader.
 - **Every wait is bounded.** Each RPC times out after `timeout_seconds` (for `read_lent`,
-  the wait for its reply); automatic reconnection
-  is off, so a dead or unreachable server fails the call (`SourceError`) and the engine's
-  bounded retries take over with a fresh context. Waiting for a free context is bounded too.
+  the wait for its reply); automatic reconnection is off, so a dead or unreachable server
+  fails the call (`SourceError`) and the engine's bounded retries take over with a fresh
+  context. Waiting for a free context is bounded too.
 - **Listings see the server's current state**: libnfs's directory cache is off.
 - **Version tag** as for `file://` sources: (size, mtime in ns, file id), checked on the opened
   file before and after each range, so a changed file raises `SourceChanged`. NFSv3 listings
@@ -330,7 +330,7 @@ class _Context:
         """Reads `count` bytes (at most `MAX_READ_BYTES`) at `offset` and calls `consume` with
         them while they are still in libnfs's reply buffer: no copy into a buffer of ours.
         Returns the bytes read (0 at end of file). Waits at most `timeout_seconds`."""
-        read = self._lent = _LentRead(consume)
+        read = self._lent = _LentRead(consume, count)
         try:
             self.check(
                 self.lib.nfs_pread_async(
@@ -368,10 +368,14 @@ class _Context:
         read = self._lent
         if read is None:
             return  # a read abandoned after its timeout, cancelled as the context goes
-        if status < 0:
+        if status > 0 and (not data or status > read.count):
+            # Never hand the engine bytes that are not there, or more than it asked for.
+            status, read.detail = -errno.EIO, f"libnfs returned {status} bytes for {read.count}"
+        elif status < 0:
             read.detail = ctypes.string_at(data).decode(errors="replace") if data else ""
             read.detail = read.detail or os.strerror(-status)
-        elif status > 0 and data:
+        elif status > 0:
+            assert data is not None
             view = memoryview((ctypes.c_char * status).from_address(data)).cast("B")
             try:
                 read.consume(view)
@@ -391,10 +395,12 @@ class _Context:
 class _LentRead:
     """One `pread_lent` in flight: what to do with its bytes, and how it ended."""
 
-    __slots__ = ("consume", "detail", "error", "status")
+    __slots__ = ("consume", "count", "detail", "error", "status")
 
-    def __init__(self, consume: Callable[[memoryview], None]) -> None:
+    def __init__(self, consume: Callable[[memoryview], None], count: int) -> None:
         self.consume = consume
+        self.count = count
+        """The bytes asked for."""
         self.status: int | None = None
         """Bytes read, or -errno; None until the reply came."""
         self.detail = ""
