@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,14 @@ from pathlib import Path
 import botocore.exceptions
 import pytest
 
-from datacache.localcluster import ClusterError, LocalCluster, free_port, s3_client, wait_until
+from datacache.localcluster import (
+    DEMO_CREDENTIALS,
+    ClusterError,
+    LocalCluster,
+    free_port,
+    s3_client,
+    wait_until,
+)
 from tests.fakekube import FakeKubeAPI
 
 _THREAD_STOP_SECONDS = 10.0
@@ -81,6 +89,35 @@ def agent_cli() -> str:
     if found is None:
         pytest.fail("datacache-agent is not installed: pip install -e . from the repository")
     return found
+
+
+_CLI_TIMEOUT_SECONDS = 60.0
+
+
+def run_agent_fetch(uri: str, dest: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    """`datacache-agent fetch` as a real process with the demo S3 credentials, 4 threads and
+    1 MiB ranges for files over 1 MiB; `flags` are added to its command line."""
+    mib = 1024 * 1024
+    argv = [
+        agent_cli(),
+        "fetch",
+        uri,
+        str(dest),
+        "--concurrency=4",
+        f"--part-bytes={mib}",
+        f"--multipart-threshold-bytes={mib}",
+        "--no-progress",
+        "--log-format=json",
+        *flags,
+    ]
+    return subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=_CLI_TIMEOUT_SECONDS,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, **DEMO_CREDENTIALS},
+    )
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,12 +30,11 @@ from agent.sources.s3 import S3ObjectSource, S3Settings, s3_client
 from datacache.localcluster import DEMO_CREDENTIALS, LocalCluster, wait_until
 from datacache.localcluster import s3_client as admin_client
 from datacache.validation import S3Source, parse_source
-from tests.conftest import agent_cli, mounted_tmpfs
+from tests.conftest import mounted_tmpfs, run_agent_fetch
 from tests.faultproxy import Fault, FaultProxy, Request, Rule
 
 MiB = 1 << 20
 SMALL_PARTS = FetchSettings(concurrency=4, part_bytes=MiB, multipart_threshold_bytes=MiB)
-CLI_TIMEOUT = 60.0
 
 
 @pytest.fixture(autouse=True)
@@ -91,30 +89,6 @@ def gets(proxy: FaultProxy, key: str) -> list[Request]:
 
 def range_of(offset: int, length: int) -> str:
     return f"bytes={offset}-{offset + length - 1}"
-
-
-def run_agent_fetch(endpoint: str, uri: str, dest: Path) -> subprocess.CompletedProcess[str]:
-    """`datacache-agent fetch` as a real process, with 1 MiB ranges for files over 1 MiB."""
-    argv = [
-        agent_cli(),
-        "fetch",
-        uri,
-        str(dest),
-        f"--s3-endpoint-url={endpoint}",
-        "--concurrency=4",
-        f"--part-bytes={MiB}",
-        f"--multipart-threshold-bytes={MiB}",
-        "--no-progress",
-        "--log-format=json",
-    ]
-    return subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, **DEMO_CREDENTIALS},
-    )
 
 
 BIG = 3 * MiB + 5
@@ -308,7 +282,7 @@ def test_agent_cli_completes_through_resets(
         ]
     )
     dest = tmp_path / "out" / "ds"
-    result = run_agent_fetch(proxy.url, uri, dest)
+    result = run_agent_fetch(uri, dest, f"--s3-endpoint-url={proxy.url}")
 
     assert result.returncode == 0, result.stderr
     summary: dict[str, Any] = json.loads(result.stdout)
@@ -462,7 +436,7 @@ def test_flipped_byte_in_a_range_fails_the_copy(
     # The same fault through the CLI: a clear error, and nothing that looks like a copy.
     proxy.set_rules(flip_in_second_range())
     dest = tmp_path / "cli" / "ds"
-    result = run_agent_fetch(proxy.url, uri, dest)
+    result = run_agent_fetch(uri, dest, f"--s3-endpoint-url={proxy.url}")
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert "crc32 of the copy" in result.stderr and "differs from the source" in result.stderr
     assert result.stdout == ""
@@ -562,7 +536,7 @@ def test_disk_full_fails_cleanly(
     (small_tmpfs / "keep.bin").write_bytes(keep)
     free_before = shutil.disk_usage(small_tmpfs).free
 
-    result = run_agent_fetch(s3_server.s3_endpoint, uri, small_tmpfs / "ds")
+    result = run_agent_fetch(uri, small_tmpfs / "ds", f"--s3-endpoint-url={s3_server.s3_endpoint}")
 
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert "disk full" in result.stderr
