@@ -120,6 +120,22 @@ def run_agent_fetch(uri: str, dest: Path, *flags: str) -> subprocess.CompletedPr
     )
 
 
+def assert_fetch_fails_with_disk_full(disk: Path, uri: str, *flags: str) -> None:
+    """Fetches `uri` onto `disk`, too small for it, beside a file already there: the copy
+    fails with "disk full", and the file, its bytes and the free space are as before (neither
+    the destination nor the staging directory beside it is left behind)."""
+    keep = os.urandom(1024 * 1024)
+    (disk / "keep.bin").write_bytes(keep)
+    free_before = shutil.disk_usage(disk).free
+    result = run_agent_fetch(uri, disk / "ds", *flags)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "disk full" in result.stderr
+    assert result.stdout == ""
+    assert [p.name for p in disk.iterdir()] == ["keep.bin"]
+    assert (disk / "keep.bin").read_bytes() == keep
+    assert shutil.disk_usage(disk).free == free_before
+
+
 @pytest.fixture
 def bucket(s3_server: LocalCluster, request: pytest.FixtureRequest) -> str:
     """A bucket of this test's own on the shared S3 server."""

@@ -11,7 +11,6 @@ import http.server
 import json
 import logging
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +29,7 @@ from agent.sources.s3 import S3ObjectSource, S3Settings, s3_client
 from datacache.localcluster import DEMO_CREDENTIALS, LocalCluster, wait_until
 from datacache.localcluster import s3_client as admin_client
 from datacache.validation import S3Source, parse_source
-from tests.conftest import mounted_tmpfs, run_agent_fetch
+from tests.conftest import assert_fetch_fails_with_disk_full, mounted_tmpfs, run_agent_fetch
 from tests.faultproxy import Fault, FaultProxy, Request, Rule
 
 MiB = 1 << 20
@@ -532,19 +531,9 @@ def test_disk_full_fails_cleanly(
     dataset: Callable[[], dict[str, bytes]],
 ) -> None:
     uri = upload(s3_server, bucket, dataset())
-    keep = os.urandom(MiB)
-    (small_tmpfs / "keep.bin").write_bytes(keep)
-    free_before = shutil.disk_usage(small_tmpfs).free
-
-    result = run_agent_fetch(uri, small_tmpfs / "ds", f"--s3-endpoint-url={s3_server.s3_endpoint}")
-
-    assert result.returncode == 1, (result.stdout, result.stderr)
-    assert "disk full" in result.stderr
-    assert result.stdout == ""
-    # Neither the destination nor the staging directory beside it is left behind.
-    assert [p.name for p in small_tmpfs.iterdir()] == ["keep.bin"]
-    assert (small_tmpfs / "keep.bin").read_bytes() == keep
-    assert shutil.disk_usage(small_tmpfs).free == free_before
+    assert_fetch_fails_with_disk_full(
+        small_tmpfs, uri, f"--s3-endpoint-url={s3_server.s3_endpoint}"
+    )
 
 
 # The one-thread reader of small files ---------------------------------------------------------

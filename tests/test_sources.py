@@ -11,7 +11,6 @@ import errno
 import hashlib
 import os
 import random
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,7 +34,7 @@ from datacache.localcluster import s3_client as admin_client
 from datacache.validation import NfsSource as NfsLocation
 from datacache.validation import S3Source as S3Location
 from datacache.validation import parse_source
-from tests.conftest import mounted_tmpfs, run_agent_fetch
+from tests.conftest import assert_fetch_fails_with_disk_full, mounted_tmpfs
 from tests.nfsserver import NfsServer, unavailable_reason
 
 BACKENDS = ["s3-seaweedfs", "s3-moto", "s3-boto3", "file", "nfs3", "nfs4"]
@@ -528,20 +527,9 @@ def test_nfs_fetch_onto_a_full_disk_fails_cleanly(
     for i in range(4):
         (base / f"f{i}.bin").write_bytes(os.urandom(2 * 1024 * 1024))
     with mounted_tmpfs(tmp_path / "tmpfs", "8m") as disk:
-        keep = os.urandom(1024 * 1024)
-        (disk / "keep.bin").write_bytes(keep)
-        free_before = shutil.disk_usage(disk).free
-        result = run_agent_fetch(
-            f"nfs://{nfs_server.address}/export/{base.name}/",
-            disk / "ds",
-            f"--nfs-version={version}",
+        assert_fetch_fails_with_disk_full(
+            disk, f"nfs://{nfs_server.address}/export/{base.name}/", f"--nfs-version={version}"
         )
-        assert result.returncode == 1, (result.stdout, result.stderr)
-        assert "disk full" in result.stderr
-        assert result.stdout == ""
-        assert [p.name for p in disk.iterdir()] == ["keep.bin"]
-        assert (disk / "keep.bin").read_bytes() == keep
-        assert shutil.disk_usage(disk).free == free_before
 
 
 @pytest.mark.parametrize("version", [3, 4])
