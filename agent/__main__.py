@@ -592,6 +592,7 @@ def fetch(source: str, dest: Path, **kwargs: Any) -> None:
 
     The copy is staged beside DEST and renamed into place only when every file is verified.
     """
+    _skip_teardown.set()
     logs.configure(kwargs["log_level"], kwargs["log_format"])
     try:
         parse_source(source)
@@ -651,5 +652,32 @@ def fetch(source: str, dest: Path, **kwargs: Any) -> None:
         sys.exit(2)
 
 
+_skip_teardown = threading.Event()
+"""Set by a command that leaves nothing for the interpreter's teardown to do."""
+
+
+def entry() -> None:
+    """The `datacache-agent` command: `main`, then, after `fetch`, an exit without the
+    interpreter's teardown. By then the copy has closed its files, joined its threads and
+    removed its staging; what is left is freeing every module and object, about 11 ms here,
+    which a benchmarked one-shot copy of 0.7 s need not pay. Other commands exit normally."""
+    try:
+        main()
+    except SystemExit as exc:
+        if not _skip_teardown.is_set():
+            raise
+        code = exc.code
+        if code is not None and not isinstance(code, int):
+            print(code, file=sys.stderr)
+            code = 1
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except OSError:  # as at a normal exit: output that could not be written fails it
+                code = code or 120
+        os._exit(code or 0)
+
+
 if __name__ == "__main__":
-    main()
+    entry()
