@@ -588,3 +588,50 @@ def test_small_object_connections_from_the_flag_or_the_environment(
     assert settings().small_object_connections == 16
     with pytest.raises(click.BadParameter, match="1024"):
         settings("--small-object-connections=5000")
+
+
+_ENTRY_WITH_TEARDOWN_MARK = """
+import atexit, sys
+import agent.__main__ as cli
+atexit.register(lambda: print("teardown ran", file=sys.stderr, flush=True))
+sys.argv[0] = "datacache-agent"
+cli.entry()
+"""
+
+
+def _entry(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", _ENTRY_WITH_TEARDOWN_MARK, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_the_fetch_command_exits_without_teardown_and_keeps_its_output_and_code(
+    tmp_path: Path,
+) -> None:
+    """A finished `fetch` leaves with `os._exit`: its summary must still reach a pipe whole,
+    its exit status must be the command's, and only `fetch` may skip the teardown."""
+    source = tmp_path / "src"
+    (source / "sub").mkdir(parents=True)
+    body = os.urandom(300_000)
+    (source / "sub" / "a.bin").write_bytes(body)
+
+    copied = _entry("fetch", source.as_uri() + "/", str(tmp_path / "copy"), "--no-progress")
+    assert copied.returncode == 0, copied.stderr
+    assert json.loads(copied.stdout.splitlines()[-1])["files"] == 1
+    assert (tmp_path / "copy" / "sub" / "a.bin").read_bytes() == body
+    assert "teardown ran" not in copied.stderr
+
+    refused = _entry("fetch", "ftp://nowhere/x/", str(tmp_path / "other"), "--no-progress")
+    assert refused.returncode == 2
+    assert "SOURCE" in refused.stderr
+    assert "teardown ran" not in refused.stderr
+    assert not (tmp_path / "other").exists()
+
+    version = _entry("--version")
+    assert version.returncode == 0
+    assert "datacache-agent" in version.stdout
+    assert "teardown ran" in version.stderr
