@@ -186,20 +186,28 @@ class CredentialsError(Exception):
     """A credentials Secret is missing or malformed; the message says which and what to do."""
 
 
+class CredentialsDenied(CredentialsError):
+    """The Secret does not let the dataset's namespace use it. Unlike a failed read, this is
+    an answer: credentials read earlier for the dataset must not stand in for it."""
+
+
 class CredentialsProvider(Protocol):
-    async def get(self, secret_name: str) -> S3Credentials:
-        """The credentials in Secret `secret_name`. Raises `CredentialsError`."""
+    async def get(self, secret_name: str, dataset: str) -> S3Credentials:
+        """The credentials in Secret `secret_name`, for dataset `dataset` (canonical
+        `<namespace>/<name>`). Raises `CredentialsError`, `CredentialsDenied` when the
+        Secret may not be used for that dataset."""
         ...
 
 
 class DirectoryCredentialsProvider:
     """Local mode: `<root>/<secret_name>/AWS_ACCESS_KEY_ID` etc., the layout of a Secret
-    mounted as a volume."""
+    mounted as a volume. Every dataset may use every directory: in local mode whoever holds an
+    API token also chose what is in `root`, so there are no tenants to keep apart."""
 
     def __init__(self, root: Path) -> None:
         self._root = root
 
-    async def get(self, secret_name: str) -> S3Credentials:
+    async def get(self, secret_name: str, dataset: str) -> S3Credentials:
         directory = self._root / secret_name
         if "/" in secret_name or secret_name in ("", ".", ".."):
             raise CredentialsError(f"credentials secret name {secret_name!r} is not valid")

@@ -6,6 +6,12 @@ to the agents that fetch the dataset, so the agents need no Secret access at all
 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and optionally AWS_SESSION_TOKEN. Results are cached
 briefly, so a rotated Secret is picked up within `cache_seconds` without reading the API on
 every desired-state push. Secret values never reach a log line or an error message.
+
+The coordinator reads Secrets with its own rights, on behalf of whoever wrote the dataset, so
+a Secret says which datasets may use it: those of the coordinator's own namespace, and those
+of the namespaces listed in its annotation `datacache.io/dataset-namespaces` (comma-separated,
+`*` for every namespace). Without the check, anyone who may create a Dataset in any namespace
+could have the agents fetch with any team's keys.
 """
 
 from __future__ import annotations
@@ -23,13 +29,14 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from coordinator.cluster import CredentialsError, S3Credentials
+from coordinator.cluster import CredentialsDenied, CredentialsError, S3Credentials
 
 log = logging.getLogger(__name__)
 
 ACCESS_KEY = "AWS_ACCESS_KEY_ID"
 SECRET_KEY = "AWS_SECRET_ACCESS_KEY"  # noqa: S105 - a key name, not a secret
 SESSION_TOKEN = "AWS_SESSION_TOKEN"  # noqa: S105 - a key name, not a secret
+NAMESPACES_ANNOTATION = "datacache.io/dataset-namespaces"
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
@@ -80,6 +87,26 @@ def credentials_from_data(
     )
 
 
+def allowed_namespaces(annotations: Mapping[str, str] | None) -> frozenset[str]:
+    """Pure: the namespaces a Secret's annotation lets use it (`*`: all)."""
+    text = (annotations or {}).get(NAMESPACES_ANNOTATION, "")
+    return frozenset(part.strip() for part in text.split(",") if part.strip())
+
+
+def check_use(secret: str, namespace: str, allowed: frozenset[str], dataset: str) -> None:
+    """Pure: CredentialsDenied unless dataset `<ns>/<name>` may use Secret `namespace/secret`,
+    whose annotation allows `allowed`."""
+    dataset_namespace = dataset.partition("/")[0]
+    if dataset_namespace == namespace or "*" in allowed or dataset_namespace in allowed:
+        return
+    raise CredentialsDenied(
+        f"Secret {namespace}/{secret} is not for datasets of namespace {dataset_namespace!r}: "
+        f"if it should be, add {dataset_namespace} to its annotation {NAMESPACES_ANNOTATION} "
+        f"(kubectl -n {namespace} annotate secret {secret} "
+        f"{NAMESPACES_ANNOTATION}={','.join(sorted(allowed | {dataset_namespace}))} --overwrite)"
+    )
+
+
 class KubernetesCredentialsProvider:
     def __init__(
         self,
@@ -92,9 +119,9 @@ class KubernetesCredentialsProvider:
         self._settings = settings
         self._clock = clock
         self._lock = threading.Lock()
-        self._cache: dict[str, tuple[float, S3Credentials]] = {}
+        self._cache: dict[str, tuple[float, S3Credentials, frozenset[str]]] = {}
 
-    async def get(self, secret_name: str) -> S3Credentials:
+    async def get(self, secret_name: str, dataset: str) -> S3Credentials:
         namespace = self._settings.namespace
         if len(secret_name) > 253 or not _NAME.match(secret_name):
             raise CredentialsError(
@@ -105,6 +132,7 @@ class KubernetesCredentialsProvider:
         with self._lock:
             cached = self._cache.get(secret_name)
         if cached is not None and now - cached[0] < self._settings.cache_seconds:
+            check_use(secret_name, namespace, cached[2], dataset)
             return cached[1]
         try:
             secret = await asyncio.to_thread(
@@ -120,9 +148,12 @@ class KubernetesCredentialsProvider:
                 f"reading Secret {namespace}/{secret_name} failed ({type(exc).__name__}); "
                 "the API server may be unreachable, it is retried"
             ) from exc
+        allowed = allowed_namespaces(secret.metadata.annotations if secret.metadata else None)
+        # Checked before the keys: a dataset that may not use the Secret learns nothing of them.
+        check_use(secret_name, namespace, allowed, dataset)
         credentials = credentials_from_data(secret_name, namespace, secret.data)
         with self._lock:
-            self._cache[secret_name] = (now, credentials)
+            self._cache[secret_name] = (now, credentials, allowed)
         return credentials
 
 

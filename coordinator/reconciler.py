@@ -41,6 +41,7 @@ from typing import Any
 
 from coordinator import metrics
 from coordinator.cluster import (
+    CredentialsDenied,
     CredentialsError,
     CredentialsProvider,
     EventReason,
@@ -460,8 +461,15 @@ class Reconciler:
                 out[record.name] = None
                 continue
             try:
-                creds = await self._credentials.get(secret)
+                creds = await self._credentials.get(secret, record.name)
+            except CredentialsDenied as exc:
+                problems[record.name] = f"credentials: {exc}"
+                self._good_credentials.pop(record.name, None)
+                out[record.name] = None
+                continue
             except CredentialsError as exc:
+                # A failed read (API server away, Secret briefly malformed) keeps the dataset
+                # going on the credentials last read for it from the same Secret.
                 problems[record.name] = f"credentials: {exc}"
                 cached = self._good_credentials.get(record.name)
                 out[record.name] = cached[1] if cached and cached[0] == secret else None
