@@ -2,10 +2,11 @@
 
 An fsync waits for the disk. Here the readers hand each verified file over and read the next
 one, and up to `threads` fsyncs are in flight at once; the readers wait only when
-`2 x threads` files are pending (each holds an open descriptor). On 2,000 small files
-(219 MB) on this 2-core VM, alternating runs by hand gave 1.9-2.1 s with each of 8 readers
-fsyncing inline and 1.1-1.6 s with 2 to 16 flusher threads, but the benchmark series before
-and after it (docs/benchmarks.md) measured no gain: 1.90 s and 2.09-2.31 s medians.
+`2 x threads` files are pending (each holds an open descriptor). Threads are started as
+pending flushes outnumber them, so a copy of one large file starts one. On 2,000 small files
+(219 MB) on this 2-core VM, read from one thread over 64 connections, alternating runs by hand
+took 1.01-1.17 s (median 1.14 s) with 8 threads, 0.95-1.07 s (1.03 s) with 32 and
+0.94-1.05 s (0.99 s) with 64: the disk takes the fsyncs faster the more it is given at once.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from collections.abc import Callable
 
 
 class Flusher:
-    """Runs flushes (fsync, then whatever follows it) on up to `threads` threads, started when
-    the first flush is submitted. The first flush that raises cancels the copy (`cancel`);
-    flushes still pending then are abandoned instead, and `finish` raises that error."""
+    """Runs flushes (fsync, then whatever follows it) on up to `threads` threads, each started
+    when a flush is submitted while every thread already started has one. The first flush
+    that raises cancels the copy (`cancel`); flushes still pending then are abandoned instead,
+    and `finish` raises that error."""
 
     def __init__(self, threads: int, cancel: threading.Event) -> None:
         if threads < 1:
@@ -30,6 +32,8 @@ class Flusher:
         )
         self._slots = threading.BoundedSemaphore(2 * threads)
         self._workers: list[threading.Thread] = []
+        self._pending = 0
+        """Flushes submitted and not yet run or abandoned."""
         self._errors: list[BaseException] = []
         self._lock = threading.Lock()
 
@@ -38,13 +42,12 @@ class Flusher:
         then. Blocks while `2 x threads` flushes are pending."""
         self._slots.acquire()
         with self._lock:
-            if not self._workers:
-                self._workers = [
-                    threading.Thread(target=self._work, name=f"flush-{i}", daemon=True)
-                    for i in range(self._threads)
-                ]
-                for worker in self._workers:
-                    worker.start()
+            self._pending += 1
+            started = len(self._workers)
+            if self._pending > started and started < self._threads:
+                worker = threading.Thread(target=self._work, name=f"flush-{started}", daemon=True)
+                self._workers.append(worker)
+                worker.start()
         self._queue.put((flush, abandon))
 
     def _work(self) -> None:
@@ -63,6 +66,8 @@ class Flusher:
                 except BaseException as also:
                     self._errors.append(also)
             finally:
+                with self._lock:
+                    self._pending -= 1
                 self._slots.release()
 
     def finish(self) -> None:

@@ -37,6 +37,46 @@ def test_runs_every_flush_on_its_threads_and_finish_waits_for_them() -> None:
     assert {name for _, name in ran} <= {"flush-0", "flush-1", "flush-2"}
 
 
+def test_threads_start_only_as_flushes_wait_for_them() -> None:
+    flusher = Flusher(4, threading.Event())
+    names: list[str] = []
+
+    others = set(threading.enumerate())
+
+    def flushers() -> set[str]:
+        """Names of the threads this flusher started and are alive."""
+        return {t.name for t in set(threading.enumerate()) - others}
+
+    for _ in range(5):  # one at a time: one thread serves them all
+        done = threading.Event()
+
+        def note(done: threading.Event = done) -> None:
+            names.append(threading.current_thread().name)
+            done.set()
+
+        flusher.submit(note, lambda: None)
+        assert done.wait(30)
+    assert set(names) == {"flush-0"} == flushers()
+
+    release, started = threading.Event(), threading.Semaphore(0)
+
+    def held() -> None:
+        names.append(threading.current_thread().name)
+        started.release()
+        assert release.wait(30)
+
+    for _ in range(6):  # 6 at once: 4 threads, the other 2 wait in the queue
+        flusher.submit(held, lambda: None)
+    for _ in range(4):
+        assert started.acquire(timeout=30)
+    assert flushers() == {"flush-0", "flush-1", "flush-2", "flush-3"}
+    release.set()
+    flusher.finish()
+    assert set(names) == {"flush-0", "flush-1", "flush-2", "flush-3"}
+    assert len(names) == 5 + 6
+    assert flushers() == set()
+
+
 def test_the_first_failure_cancels_abandons_the_rest_and_is_raised() -> None:
     cancel = threading.Event()
     flusher = Flusher(1, cancel)
