@@ -574,12 +574,12 @@ def test_the_fetch_command_loads_only_what_an_s3_copy_uses(
 
 
 def test_small_object_connections_from_the_flag_or_the_environment(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     import agent.__main__ as cli
 
     def settings(*args: str) -> FetchSettings:
-        ctx = cli.fetch.make_context("fetch", ["s3://b/p/", "/tmp/x", *args])
+        ctx = cli.fetch.make_context("fetch", ["s3://b/p/", str(tmp_path / "copy"), *args])
         return cli._fetch_settings(ctx.params)
 
     assert settings().small_object_connections == FetchSettings().small_object_connections
