@@ -148,7 +148,7 @@ class FetchSettings:
     """fsyncs in flight at most, on threads of their own (`agent.flusher`), started as
     needed: the reading threads hand each verified file over and go on. Memory: a thread
     stack each (16 KiB resident here), and up to twice as many open files waiting. On 2,000
-    small files here 64 took 13% less time than 8, 32 10% less (docs/benchmarks.md)."""
+    small files here 64 took 13% less time than 8, 32 10% less (docs/benchmarks.md, 78bc208)."""
     small_object_connections: int = 64
     """Connections the one-thread reader of small files keeps busy, for sources that have one
     (S3: `agent.sources.s3loop`); 0 reads small files on the threads instead. Memory: one
