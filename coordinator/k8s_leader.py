@@ -209,22 +209,30 @@ class LeaderElection:
                 return
 
     def _give_up(self) -> None:
-        """Writes an empty holder (compare-and-swap on our last version: if someone else holds
-        the Lease by now, the write fails and changes nothing)."""
-        now = str(datetime.now(UTC).astimezone().replace(tzinfo=None))
-        observed = self._elector.observed_record
-        record = LeaderElectionRecord(  # type: ignore[no-untyped-call]
-            "", "1", getattr(observed, "acquire_time", None) or now, now
-        )
+        """Writes an empty holder. The lock's last read predates our last renewal (a renewal
+        is a read, then a write that bumps the resourceVersion), so the Lease is read again
+        first: the write is a compare-and-swap on that version, and it is made only while we
+        still hold the Lease, so a successor that took it meanwhile is never overwritten."""
+        name, namespace = self._lock.name, self._lock.namespace
         try:
-            released = self._lock.update(  # type: ignore[no-untyped-call]
-                self._lock.name, self._lock.namespace, record
+            found, current = self._lock.get(name, namespace)  # type: ignore[no-untyped-call]
+            if not found or getattr(current, "holder_identity", None) != self.identity:
+                log.info("Lease %s: held by someone else by now; nothing to release", name)
+                return
+            now = str(datetime.now(UTC).astimezone().replace(tzinfo=None))
+            record = LeaderElectionRecord(  # type: ignore[no-untyped-call]
+                "", "1", getattr(current, "acquire_time", None) or now, now
             )
+            released = self._lock.update(name, namespace, record)  # type: ignore[no-untyped-call]
         except Exception as exc:
             released = False
-            log.warning("Lease %s: release failed: %r", self._lock.name, exc)
+            log.warning("Lease %s: release failed: %r", name, exc)
         if released:
-            log.info("Lease %s released by %s", self._lock.name, self.identity)
+            log.info("Lease %s released by %s", name, self.identity)
+        else:
+            log.warning(
+                "Lease %s: release refused; a successor takes over after the lease duration", name
+            )
 
 
 def _call(callback: Callable[[], None], what: str) -> None:

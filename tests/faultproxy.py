@@ -1,15 +1,17 @@
 """A fault-injecting HTTP/1.1 reverse proxy for tests, run on its own asyncio loop in a thread.
 
-It sits in front of a real server (SeaweedFS's S3 port) on 127.0.0.1 and forwards every request
-unchanged (keep-alive connections, Content-Length and chunked bodies in both directions, the
-`Host` header kept so SigV4 signatures still match). For each request a rule may choose one
-fault:
+It sits in front of a real server (SeaweedFS's S3 port, or a kube-apiserver over TLS) on
+127.0.0.1 and forwards every request unchanged (keep-alive connections, Content-Length and
+chunked bodies in both directions, the `Host` header kept so SigV4 signatures still match).
+For each request a rule may choose one fault:
 
 - ``reset``: send the headers and `after_bytes` bytes of the body, then reset the connection
   (RST: SO_LINGER 0 and close);
 - ``truncate``: the same but close cleanly (FIN), so the body ends early;
 - ``flip``: XOR the body byte at `offset` with `xor` (same length, wrong content);
 - ``slowdown``: answer 503 with S3's SlowDown XML error without asking the server;
+- ``answer``: answer `status` with a Kubernetes `Status` body (and `Retry-After` if given)
+  without asking the server, as an API server does when it throttles (429) or conflicts (409);
 - ``latency``: wait `seconds` before the response;
 - ``stall``: send the headers, then nothing for `seconds` (or until `release_stalls()`), then
   the rest of the body (if the client is still there).
@@ -26,7 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
+import ssl
 import struct
 import threading
 from collections import Counter
@@ -36,7 +40,7 @@ from types import TracebackType
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-FaultKind = Literal["reset", "truncate", "flip", "slowdown", "latency", "stall"]
+FaultKind = Literal["reset", "truncate", "flip", "slowdown", "answer", "latency", "stall"]
 
 _HEADER_LIMIT = 64 * 1024
 _PIECE = 64 * 1024
@@ -73,7 +77,9 @@ class Fault:
     seconds: float = 0.0
     """latency: delay before the response; stall: pause after the headers."""
     retry_after: int | None = None
-    """slowdown: value of a `Retry-After` header, if any."""
+    """slowdown, answer: value of a `Retry-After` header, if any."""
+    status: int = 0
+    """answer: the HTTP status."""
 
 
 @dataclass
@@ -230,6 +236,41 @@ class _Cut(Exception):
     """The client connection was cut on purpose; stop serving it."""
 
 
+_REASONS = {
+    403: ("Forbidden", "Forbidden"),
+    404: ("Not Found", "NotFound"),
+    409: ("Conflict", "Conflict"),
+    410: ("Gone", "Expired"),
+    429: ("Too Many Requests", "TooManyRequests"),
+    500: ("Internal Server Error", "InternalError"),
+    503: ("Service Unavailable", "ServiceUnavailable"),
+}
+
+
+def _status_response(request: Request, fault: Fault) -> bytes:
+    """A Kubernetes API error, shaped as kube-apiserver shapes one."""
+    phrase, reason = _REASONS.get(fault.status, ("Error", "Unknown"))
+    body = json.dumps(
+        {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": f"injected by the fault proxy into request {request.number}",
+            "reason": reason,
+            "code": fault.status,
+        }
+    ).encode()
+    headers = [
+        f"HTTP/1.1 {fault.status} {phrase}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+    ]
+    if fault.retry_after is not None:
+        headers.append(f"Retry-After: {fault.retry_after}")
+    return ("\r\n".join([*headers, "", ""])).encode("latin-1") + body
+
+
 def _slowdown_response(request: Request, fault: Fault) -> bytes:
     body = (
         '<?xml version="1.0" encoding="UTF-8"?>\n'
@@ -256,18 +297,25 @@ class FaultProxy:
         self,
         upstream: str,
         rules: Sequence[Rule] | RuleFunction = (),
+        *,
+        upstream_ssl: ssl.SSLContext | None = None,
     ) -> None:
-        """`upstream` is the server's base URL (http://host:port). `rules` is either a list of
-        rules (the first that matches a request chooses its fault) or a function from a request
-        to a fault or None."""
+        """`upstream` is the server's base URL (http://host:port, or https://host:port with
+        `upstream_ssl`, the context the proxy connects with; clients then speak plain HTTP to
+        the proxy). `rules` is either a list of rules (the first that matches a request
+        chooses its fault) or a function from a request to a fault or None."""
         split = urlsplit(upstream)
-        if split.scheme != "http" or split.hostname is None or split.port is None:
-            raise ValueError(f"upstream must be http://host:port, not {upstream!r}")
+        scheme = "https" if upstream_ssl is not None else "http"
+        if split.scheme != scheme or split.hostname is None or split.port is None:
+            raise ValueError(f"upstream must be {scheme}://host:port, not {upstream!r}")
         self._upstream_address = (split.hostname, split.port)
+        self._upstream_ssl = upstream_ssl
         self._rules = rules
         self._lock = threading.Lock()
         self._requests: list[Request] = []
         self._injected: list[Injected] = []
+        self._active: dict[int, Request] = {}
+        self._statuses: dict[int, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
@@ -299,6 +347,16 @@ class FaultProxy:
         """Every fault applied so far, in order."""
         with self._lock:
             return list(self._injected)
+
+    def statuses(self) -> dict[int, int]:
+        """The status of each answered request, by request number (faults included)."""
+        with self._lock:
+            return dict(self._statuses)
+
+    def active(self) -> list[Request]:
+        """The requests whose responses are being relayed now (open watches, for one)."""
+        with self._lock:
+            return sorted(self._active.values(), key=lambda r: r.number)
 
     def counts(self) -> Counter[str]:
         """Faults applied so far by kind."""
@@ -480,7 +538,14 @@ class FaultProxy:
             link.drop_upstream()
         host, port = self._upstream_address
         link.upstream = await asyncio.wait_for(
-            asyncio.open_connection(host, port, limit=_HEADER_LIMIT), _CONNECT_TIMEOUT
+            asyncio.open_connection(
+                host,
+                port,
+                limit=_HEADER_LIMIT,
+                ssl=self._upstream_ssl,
+                server_hostname=host if self._upstream_ssl is not None else None,
+            ),
+            _CONNECT_TIMEOUT,
         )
         return link.upstream
 
@@ -496,14 +561,37 @@ class FaultProxy:
         # A request without Content-Length or chunking has no body (RFC 9112 6.3).
         no_body = not head.chunked and head.content_length is None
 
-        if fault is not None and kind == "slowdown":
+        if fault is not None and kind in ("slowdown", "answer"):
             async for _ in _body(reader, head, bodiless=no_body):
                 pass
             self._record(request, fault)
-            writer.write(_slowdown_response(request, fault))
+            with self._lock:
+                self._statuses[request.number] = fault.status if kind == "answer" else 503
+            answer = _slowdown_response if kind == "slowdown" else _status_response
+            writer.write(answer(request, fault))
             await writer.drain()
             return not client_close
 
+        with self._lock:
+            self._active[request.number] = request
+        try:
+            return await self._relay(head, link, request, fault, client_close, no_body)
+        finally:
+            with self._lock:
+                self._active.pop(request.number, None)
+
+    async def _relay(
+        self,
+        head: _Head,
+        link: _Link,
+        request: Request,
+        fault: Fault | None,
+        client_close: bool,
+        no_body: bool,
+    ) -> bool:
+        reader, writer = link.reader, link.writer
+        method = request.method
+        kind = fault.kind if fault is not None else None
         up_reader, up_writer = await self._upstream(link)
         up_writer.write(head.encode())
         async for piece in _body(reader, head, bodiless=no_body):
@@ -517,6 +605,8 @@ class FaultProxy:
         if response is None:
             raise ConnectionResetError("the upstream server closed the connection")
         status = int(response.start.split(" ", 2)[1])
+        with self._lock:
+            self._statuses[request.number] = status
         bodiless = method == "HEAD" or status in (204, 304) or 100 <= status < 200
         until_close = not bodiless and not response.chunked and response.content_length is None
 

@@ -72,8 +72,10 @@ class CertificateAuthority:
         *,
         server: bool = False,
         file_name: str | None = None,
+        organizations: tuple[str, ...] = (),
     ) -> Pair:
-        """A leaf certificate for a server (localhost, 127.0.0.1) or a client."""
+        """A leaf certificate for a server (localhost, 127.0.0.1) or a client. A client's
+        `organizations` are its groups to a Kubernetes API server."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
@@ -81,7 +83,12 @@ class CertificateAuthority:
             sans += [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
         builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .subject_name(
+                x509.Name(
+                    [x509.NameAttribute(NameOID.ORGANIZATION_NAME, o) for o in organizations]
+                    + [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+                )
+            )
             .issuer_name(self._cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
