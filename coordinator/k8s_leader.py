@@ -38,6 +38,9 @@ from kubernetes.leaderelection.leaderelectionrecord import LeaderElectionRecord
 from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
 
 log = logging.getLogger(__name__)
+# The official client logs every successful renewal at INFO (one line per retry period for as
+# long as a coordinator leads); this module logs each acquisition, loss and release itself.
+logging.getLogger("leaderelection").setLevel(logging.WARNING)
 
 # The official client's jitter factor: renew_deadline must exceed retry_period times this.
 _JITTER = 1.2

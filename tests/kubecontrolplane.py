@@ -554,9 +554,12 @@ class KubeControlPlane:
                 }
             ],
         }
-        return dict(
-            self.patch(f"/api/v1/nodes/{name}/status", {"status": status}, kind="strategic-merge")
-        )
+        self.patch(f"/api/v1/nodes/{name}/status", {"status": status}, kind="strategic-merge")
+        # The TaintNodesByCondition admission plugin taints every new Node not-ready; the node
+        # lifecycle controller lifts that once the kubelet reports Ready. That controller is
+        # off here (nothing heartbeats), so registration does its part: the Node keeps exactly
+        # the taints asked for.
+        return dict(self.patch(f"/api/v1/nodes/{name}", {"spec": {"taints": spec.get("taints")}}))
 
     def get_node(self, name: str) -> dict[str, Any]:
         return dict(self.get(f"/api/v1/nodes/{name}"))

@@ -632,7 +632,9 @@ def test_coordinator_may_sync_datasets_and_read_its_secrets_only() -> None:
     for verb in ("get", "list", "watch", "patch"):
         assert any(grants(r, verb, group, "datasets") for r in cluster_rules), verb
     assert any(grants(r, "update", group, "datasets/status") for r in cluster_rules)
-    assert any(grants(r, "update", group, "datasets/finalizers") for r in cluster_rules)
+    # Adding its own finalizer is a patch of the Dataset; the finalizers subresource matters
+    # only for blockOwnerDeletion on owner references, which the coordinator never sets.
+    assert not any(grants(r, "update", group, "datasets/finalizers") for r in cluster_rules)
     for verb in ("create", "delete"):
         assert not any(grants(r, verb, group, "datasets") for r in cluster_rules), verb
     # Secrets: get, in its own namespace only (a Role), never cluster-wide or list/watch.
