@@ -742,13 +742,42 @@ def running(workdir: Path) -> Iterator[KubeControlPlane]:
 
 
 def main() -> int:
+    import argparse
     import tempfile
 
-    workdir = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="datacache-kube-"))
+    parser = argparse.ArgumentParser(
+        prog="scripts/kube-up",
+        description="Start the test Kubernetes control plane on loopback until interrupted.",
+    )
+    parser.add_argument("workdir", nargs="?", help="certificates, etcd data and logs")
+    parser.add_argument(
+        "--nodes", type=int, default=0, help="register node-1..node-N (Ready, zones a and b)"
+    )
+    parser.add_argument(
+        "--apply-manifests", action="store_true", help="kubectl apply --server-side -k manifests/"
+    )
+    args = parser.parse_args()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="datacache-kube-"))
     plane = KubeControlPlane(workdir)
     try:
         plane.start()
-    except ControlPlaneError as exc:
+        if args.apply_manifests:
+            subprocess.run(
+                [
+                    "kubectl",
+                    f"--kubeconfig={plane.admin_kubeconfig}",
+                    "apply",
+                    "--server-side",
+                    "-k",
+                    str(REPO / "manifests"),
+                ],
+                check=True,
+                timeout=120,
+            )
+        for i in range(1, args.nodes + 1):
+            plane.add_node(f"node-{i}", zone="zone-a" if i % 2 else "zone-b")
+    except (ControlPlaneError, KubeAPIError, subprocess.SubprocessError) as exc:
+        plane.stop()
         print(f"kube-up: {exc}", file=sys.stderr)
         return 1
     print(f"API server:  {plane.server}")
