@@ -69,6 +69,9 @@ class ListWatch:
         self._thread: threading.Thread | None = None
         self.lists = 0
         """How many times the objects were (re-)listed."""
+        # Kept outside the watch call so that a watch cut mid-stream (a dropped connection, an
+        # API server restart) resumes after the last event it delivered, not from the list.
+        self._version: str | None = None
 
     def start(self) -> None:
         if self._thread is not None:
@@ -88,17 +91,16 @@ class ListWatch:
 
     def _run(self) -> None:
         backoff = Backoff(self._settings.backoff)
-        version: str | None = None
         while not self._stopping.is_set():
             try:
-                if version is None:
-                    version = self._relist()
-                version = self._watch_from(version)
+                if self._version is None:
+                    self._version = self._relist()
+                self._watch_from(self._version)
                 backoff.reset()
             except ApiException as exc:
                 if exc.status == _GONE:
                     log.info("%s watch expired (410); listing again", self._what)
-                    version = None
+                    self._version = None
                     continue
                 delay = backoff.next_delay()
                 log.warning(
@@ -110,6 +112,9 @@ class ListWatch:
                 )
                 self._stopping.wait(delay)
             except Exception as exc:
+                if self._stopping.is_set():
+                    # stop() cut the connection under the watch: not a failure.
+                    return
                 # Connection errors and anything unexpected: the loop must outlive them.
                 delay = backoff.next_delay()
                 log.warning("%s list/watch failed (%r); retrying in %.1fs", self._what, exc, delay)
@@ -127,11 +132,11 @@ class ListWatch:
         self.lists += 1
         return str((body.get("metadata") or {}).get("resourceVersion", ""))
 
-    def _watch_from(self, version: str) -> str:
+    def _watch_from(self, version: str) -> None:
         watcher = k8s_watch.Watch()  # type: ignore[no-untyped-call]
         with self._lock:
             if self._stopping.is_set():
-                return version
+                return
             self._watch = watcher
         try:
             for event in watcher.stream(  # type: ignore[no-untyped-call]
@@ -142,11 +147,12 @@ class ListWatch:
                 **self._kwargs,
             ):
                 obj = event.get("raw_object") or {}
-                version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
                 kind = event.get("type")
                 if kind in ("ADDED", "MODIFIED", "DELETED"):
                     self._on_event(str(kind), obj)
+                # Once handled: a handler that raises sees the event again.
+                version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
+                self._version = version
         finally:
             with self._lock:
                 self._watch = None
-        return version

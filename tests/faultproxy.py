@@ -63,6 +63,8 @@ class Request:
     """Path with the query string."""
     range: str | None
     """The `Range` header, if any."""
+    content_type: str | None = None
+    """The `Content-Type` header, if any (which kind of patch a PATCH is)."""
 
 
 @dataclass(frozen=True)
@@ -469,10 +471,10 @@ class FaultProxy:
             await asyncio.sleep(0)
 
     def _choose(
-        self, method: str, path: str, range_header: str | None
+        self, method: str, path: str, range_header: str | None, content_type: str | None = None
     ) -> tuple[Request, Fault | None]:
         with self._lock:
-            request = Request(len(self._requests) + 1, method, path, range_header)
+            request = Request(len(self._requests) + 1, method, path, range_header, content_type)
             self._requests.append(request)
             rules = self._rules
             fault: Fault | None = None
@@ -553,7 +555,7 @@ class FaultProxy:
         """Serves one request; returns whether the client connection stays open."""
         reader, writer = link.reader, link.writer
         method, path, _ = head.start.split(" ", 2)
-        request, fault = self._choose(method, path, head.get("Range"))
+        request, fault = self._choose(method, path, head.get("Range"), head.get("Content-Type"))
         kind = fault.kind if fault is not None else None
         client_close = head.wants_close()
         # The proxy sends request bodies at once instead of waiting for 100 Continue.

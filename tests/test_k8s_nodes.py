@@ -1,8 +1,10 @@
-"""Node watch against the fake API server, through the official client over HTTP: list, watch,
-resume, 410 re-list, bounded backoff, deletion and same-name re-creation."""
+"""Node watch against a real kube-apiserver, through the official client and a fault proxy,
+as the coordinator's ServiceAccount: list, watch, resume, 410 re-list, bounded backoff,
+deletion and same-name re-creation."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,18 +12,60 @@ from typing import Any
 
 import pytest
 
-from coordinator.cluster import NodeChange, NodeDirectory, Taint
+from coordinator.cluster import NodeChange, NodeDirectory, NodeFacts, Taint
 from coordinator.demand import pod_demand
 from coordinator.k8s_backoff import BackoffSettings
 from coordinator.k8s_labeler import core_api
 from coordinator.k8s_nodes import NodeWatch, NodeWatchSettings, node_facts, parse_bytes
 from datacache.localcluster import wait_until
-from tests.fakekube import FakeKubeAPI
+from tests.faultproxy import Fault, Rule
+from tests.kubecontrolplane import KubeTest
 
 FAST = NodeWatchSettings(
     watch_timeout_seconds=30,
     backoff=BackoffSettings(initial_seconds=0.01, max_seconds=0.05),
 )
+COORDINATOR_SA = ("datacache", "datacache-coordinator")
+DATASET_LABEL = "dataset.datacache.io/default.a"
+OWNED_ANNOTATION = "datacache.io/owned-labels"
+WAIT = 30.0
+"""Seconds for anything that crosses the API server and the watch thread."""
+
+
+def coordinator_kubeconfig(kube: KubeTest) -> Path:
+    """The coordinator's ServiceAccount token, through the fault proxy."""
+    return kube.proxied_kubeconfig(kube.token(*COORDINATOR_SA), name="coordinator")
+
+
+def seed_dataset_label(kube: KubeTest, node: str, key: str, value: str) -> None:
+    """Sets a dataset label as the coordinator would: only its ServiceAccount may."""
+    kube.plane.request(
+        "PATCH",
+        f"/api/v1/nodes/{node}",
+        {"metadata": {"labels": {key: value}, "annotations": {OWNED_ANNOTATION: key}}},
+        content_type="application/merge-patch+json",
+        token=kube.token(*COORDINATOR_SA),
+    )
+
+
+def is_watch(path: str) -> bool:
+    query = path.partition("?")[2].lower()
+    return "watch=true" in query or "watch=1" in query
+
+
+def open_watches(kube: KubeTest) -> int:
+    return sum(1 for r in kube.proxy.active() if is_watch(r.path))
+
+
+def node_lists(kube: KubeTest, since: int = 0) -> list[int]:
+    """Request numbers of the node lists (not watches) the proxy saw after request `since`."""
+    return [
+        r.number
+        for r in kube.proxy.requests[since:]
+        if r.method == "GET"
+        and r.path.partition("?")[0] == "/api/v1/nodes"
+        and not is_watch(r.path)
+    ]
 
 
 @pytest.mark.parametrize(
@@ -43,9 +87,8 @@ def test_parse_bytes(text: str, expected: int | None) -> None:
     assert parse_bytes(text) == expected
 
 
-def test_node_facts_from_a_node_object(kube: tuple[FakeKubeAPI, Path]) -> None:
-    fake, _ = kube
-    obj = fake.add_node(
+def test_node_facts_from_a_node_object(kube: KubeTest) -> None:
+    obj = kube.add_node(
         "gpu-1",
         labels={"team": "ml"},
         zone="zone-b",
@@ -54,14 +97,19 @@ def test_node_facts_from_a_node_object(kube: tuple[FakeKubeAPI, Path]) -> None:
         taints=[{"key": "gpu", "value": "true", "effect": "NoSchedule"}],
         unschedulable=True,
     )
-    facts = node_facts(obj)
+    # As the API server serves it, not as it was sent.
+    served = kube.get_node("gpu-1")
+    assert served["metadata"]["uid"] == obj["metadata"]["uid"]
+    facts = node_facts(served)
     assert facts.name == "gpu-1"
-    assert facts.uid == obj["metadata"]["uid"]
+    assert facts.uid == obj["metadata"]["uid"] != ""
     assert facts.zone == "zone-b"
     assert facts.labels["team"] == "ml"
+    assert facts.labels["kubernetes.io/hostname"] == "gpu-1"
     assert facts.taints == (Taint("gpu", "true", "NoSchedule"),)
     assert facts.unschedulable is True
     assert facts.allocatable_bytes == 1500 * 2**20
+    assert facts.owned_labels == {}
 
 
 def test_node_facts_carry_extended_resources_a_gpu_trial_can_request() -> None:
@@ -122,10 +170,15 @@ class Recorder:
         with self._lock:
             return list(self._changes)
 
+    def of(self, name: str) -> list[NodeChange]:
+        return [c for c in self.changes if c.name == name]
+
 
 @pytest.fixture
-def api(kube: tuple[FakeKubeAPI, Path]) -> Any:
-    return core_api(str(kube[1]))
+def api(kube: KubeTest) -> Any:
+    """A CoreV1Api as the coordinator's ServiceAccount (its RBAC: nodes get/list/watch),
+    through the fault proxy."""
+    return core_api(str(coordinator_kubeconfig(kube)))
 
 
 @pytest.fixture
@@ -147,22 +200,26 @@ def started(api: Any, directory: NodeDirectory) -> Iterator[NodeWatch]:
 
 
 def test_list_then_watch_adds_changes_and_deletes(
-    kube: tuple[FakeKubeAPI, Path], directory: NodeDirectory, started: NodeWatch, api: Any
+    kube: KubeTest, directory: NodeDirectory, started: NodeWatch
 ) -> None:
-    fake, _ = kube
-    fake.add_node("node-1", zone="zone-a")
+    kube.add_node("node-1", zone="zone-a")
     started.start()
-    wait_until(lambda: directory.synced, 10, "the first list")
+    wait_until(lambda: directory.synced, WAIT, "the first list")
     assert set(directory.snapshot()) == {"node-1"}
-    assert fake.wait_for_watchers(1)
+    wait_until(lambda: open_watches(kube) == 1, WAIT, "an open watch")
 
-    fake.add_node("node-2", allocatable={"ephemeral-storage": "10Gi"})
-    wait_until(lambda: directory.get("node-2") is not None, 10, "node-2 from the watch")
-    node_2 = directory.get("node-2")
-    assert node_2 is not None and node_2.allocatable_bytes == 10 * 2**30
+    kube.add_node("node-2", allocatable={"ephemeral-storage": "10Gi"})
 
-    api.patch_node(
-        "node-1",
+    def node_2_registered() -> bool:
+        # Registration is a create, then a status update: the watch delivers both.
+        node = directory.get("node-2")
+        return node is not None and node.allocatable_bytes == 10 * 2**30
+
+    wait_until(node_2_registered, WAIT, "node-2 and its status from the watch")
+
+    # Cordoning and tainting is an admin's (or a kubelet's) change, not the coordinator's.
+    kube.plane.patch(
+        "/api/v1/nodes/node-1",
         {
             "spec": {
                 "unschedulable": True,
@@ -175,97 +232,180 @@ def test_list_then_watch_adds_changes_and_deletes(
         node = directory.get("node-1")
         return node is not None and node.unschedulable and len(node.taints) == 1
 
-    wait_until(cordoned, 10, "node-1 cordoned and tainted")
+    wait_until(cordoned, WAIT, "node-1 cordoned and tainted")
+    node_1 = directory.get("node-1")
+    assert node_1 is not None and node_1.taints == (Taint("maintenance", "", "NoExecute"),)
 
-    fake.delete_node("node-2")
-    wait_until(lambda: directory.get("node-2") is None, 10, "node-2 removed")
+    kube.delete_node("node-2")
+    wait_until(lambda: directory.get("node-2") is None, WAIT, "node-2 removed")
     assert started.lists == 1
+    assert len(node_lists(kube)) == 1
 
 
-def test_same_name_recreation_seen_live_starts_empty(
-    kube: tuple[FakeKubeAPI, Path], directory: NodeDirectory, started: NodeWatch
+def test_same_name_recreation_seen_live_is_a_new_node(
+    kube: KubeTest, directory: NodeDirectory, started: NodeWatch
 ) -> None:
-    fake, _ = kube
-    old = fake.add_node("node-1", labels={"dataset.datacache.io/default.a": "ready"})
+    """A Node deleted and registered again under its name gets a new UID from the API server;
+    the directory reports the deletion first, then the new node as `replaced`, without the
+    old node's dataset labels."""
+    old = kube.add_node("node-1", labels={"team": "ml"})
+    seed_dataset_label(kube, "node-1", DATASET_LABEL, "ready")
     recorder = Recorder(directory)
     started.start()
-    wait_until(lambda: directory.synced and fake.active_watchers >= 1, 10, "list and watch")
-    new = fake.recreate_node("node-1")
-    wait_until(lambda: len(recorder.changes) >= 3, 10, "removal and re-addition")
-    added, removed, readded = recorder.changes[:3]
+    wait_until(lambda: directory.synced and open_watches(kube) >= 1, WAIT, "list and watch")
+    listed = directory.get("node-1")
+    assert listed is not None and listed.owned_labels == {DATASET_LABEL: "ready"}
+
+    kube.delete_node("node-1")
+    new = kube.add_node("node-1", labels={"team": "ml"})
+    new_uid = new["metadata"]["uid"]
+    assert new_uid != old["metadata"]["uid"]
+    wait_until(
+        lambda: (
+            (directory.get("node-1") or NodeFacts("")).uid == new_uid
+            and not (directory.get("node-1") or NodeFacts("")).taints
+        ),
+        WAIT,
+        "the re-registered node-1",
+    )
+
+    added, removed, readded, *updates = recorder.of("node-1")
     assert added.facts is not None and added.facts.uid == old["metadata"]["uid"]
+    assert not added.replaced
     # The deletion reaches consumers before the new node: its replicas and labels are cleaned.
     assert removed == NodeChange("node-1", None)
-    assert readded.facts is not None and readded.facts.uid == new["metadata"]["uid"]
-    assert readded.facts.labels.get("dataset.datacache.io/default.a") is None
+    assert readded.facts is not None and readded.facts.uid == new_uid
+    assert readded.replaced, "the re-created node was not reported as a new node"
+    assert DATASET_LABEL not in readded.facts.labels
+    assert readded.facts.owned_labels == {}
+    # The rest of its registration (status, taints) are updates of the same new node.
+    assert updates and all(
+        c.facts is not None and c.facts.uid == new_uid and not c.replaced for c in updates
+    )
 
 
 def test_expired_watch_relists_and_reports_the_replaced_node(
-    kube: tuple[FakeKubeAPI, Path], directory: NodeDirectory, started: NodeWatch
+    kube: KubeTest, directory: NodeDirectory, api: Any
 ) -> None:
-    fake, _ = kube
-    old = fake.add_node("node-1")
-    fake.add_node("node-2")
+    """The watcher misses a re-creation and a deletion while its watch is down, and the API
+    server restarts meanwhile, forgetting the history the watcher would resume from: the
+    resumed watch gets 410 Expired, and a fresh list reports both."""
+    old = kube.add_node("node-1")
+    kube.add_node("node-2")
+    kube.add_node("node-3")
     recorder = Recorder(directory)
-    started.start()
-    wait_until(lambda: directory.synced and fake.active_watchers >= 1, 10, "list and watch")
-    fake.delete_node("node-2")
-    wait_until(lambda: directory.get("node-2") is None, 10, "node-2 removed")
+    # Short server-side watches, so the watcher opens new ones (which the proxy can blind).
+    settings = NodeWatchSettings(
+        watch_timeout_seconds=1,
+        backoff=BackoffSettings(initial_seconds=0.1, max_seconds=0.5),
+    )
+    node_watch = watching(api, directory, settings)
+    try:
+        wait_until(lambda: directory.synced and open_watches(kube) >= 1, WAIT, "list and watch")
+        kube.delete_node("node-2")
+        wait_until(lambda: directory.get("node-2") is None, WAIT, "node-2 removed")
 
-    # The watcher misses the re-creation (history compacted): 410, then a fresh list.
-    new = fake.recreate_node("node-1", compact=True)
-    wait_until(lambda: started.lists == 2, 10, "a re-list after 410 Expired")
-    node_1 = directory.get("node-1")
-    assert node_1 is not None and node_1.uid == new["metadata"]["uid"] != old["metadata"]["uid"]
-    replaced = [c for c in recorder.changes if c.replaced]
-    assert [c.name for c in replaced] == ["node-1"]
+        # From now on a watch is cut at its first byte: the watcher learns nothing and keeps
+        # resuming from the version it has.
+        blinded = len(kube.proxy.requests)
+        kube.proxy.set_rules([Rule(Fault("reset"), method="GET", when=lambda r: is_watch(r.path))])
+        wait_until(
+            lambda: any(r.number > blinded and is_watch(r.path) for r in kube.proxy.active()),
+            WAIT,
+            "a watch opened under the reset rule",
+        )
+        kube.delete_node("node-1")
+        new = kube.add_node("node-1")
+        kube.delete_node("node-3")
+        kube.plane.restart_apiserver(kill=True)
+        assert directory.get("node-1") == recorder.of("node-1")[0].facts
+        assert directory.get("node-3") is not None
+        kube.proxy.set_rules([])
 
-    # And it watches again from the new list.
-    fake.add_node("node-3")
-    wait_until(lambda: directory.get("node-3") is not None, 10, "node-3 after the re-list")
+        wait_until(lambda: node_watch.lists == 2, WAIT, "a re-list after 410 Expired")
+        node_1 = directory.get("node-1")
+        assert node_1 is not None
+        assert node_1.uid == new["metadata"]["uid"] != old["metadata"]["uid"]
+        assert directory.get("node-3") is None
+        assert NodeChange("node-3", None) in recorder.changes
+        replaced = [c for c in recorder.changes if c.replaced]
+        assert [c.name for c in replaced] == ["node-1"]
+        assert len(node_lists(kube, blinded)) == 1
+
+        # And it watches again from the new list.
+        kube.add_node("node-4")
+        wait_until(lambda: directory.get("node-4") is not None, WAIT, "node-4 after the re-list")
+        assert node_watch.lists == 2
+    finally:
+        node_watch.stop()
 
 
 def test_watch_resumes_from_last_version_without_relisting(
-    kube: tuple[FakeKubeAPI, Path], directory: NodeDirectory, api: Any
+    kube: KubeTest, directory: NodeDirectory, api: Any
 ) -> None:
-    fake, _ = kube
-    fake.add_node("node-1")
+    kube.add_node("node-1")
     short = NodeWatchSettings(watch_timeout_seconds=1, backoff=FAST.backoff)
     node_watch = watching(api, directory, short)
     try:
-        wait_until(lambda: directory.synced, 10, "the first list")
+        wait_until(lambda: directory.synced, WAIT, "the first list")
 
         def watch_requests() -> list[str]:
-            return [r.path for r in fake.requests if r.method == "GET" and "nodes" in r.path]
+            return [r.path for r in kube.proxy.requests if r.method == "GET" and is_watch(r.path)]
 
         baseline = len(watch_requests())
-        # Server-side timeouts end each watch after 1s; the watcher re-opens from its version.
-        wait_until(lambda: len(watch_requests()) >= baseline + 2, 10, "two watch reconnects")
-        fake.add_node("node-2")
-        wait_until(lambda: directory.get("node-2") is not None, 10, "node-2 after reconnects")
+        # The API server ends each watch after 1s; the watcher re-opens from its version.
+        wait_until(lambda: len(watch_requests()) >= baseline + 2, WAIT, "two watch reconnects")
+        assert all("resourceVersion=" in path for path in watch_requests())
+        kube.add_node("node-2")
+        wait_until(lambda: directory.get("node-2") is not None, WAIT, "node-2 after reconnects")
         assert node_watch.lists == 1
+        assert len(node_lists(kube)) == 1
     finally:
         node_watch.stop()
 
 
 def test_errors_back_off_and_recover(
-    kube: tuple[FakeKubeAPI, Path], directory: NodeDirectory, started: NodeWatch
+    kube: KubeTest, directory: NodeDirectory, started: NodeWatch
 ) -> None:
-    fake, _ = kube
-    fake.add_node("node-1")
-    fake.fail_next(3, 503)
+    kube.add_node("node-1")
+    kube.proxy.set_rules(
+        [
+            Rule(
+                Fault("answer", status=503),
+                method="GET",
+                when=lambda r: r.path.partition("?")[0] == "/api/v1/nodes",
+                limit=3,
+            )
+        ]
+    )
     started.start()
-    wait_until(lambda: directory.synced, 10, "a list after three failures")
+    wait_until(lambda: directory.synced, WAIT, "a list after three failures")
     assert set(directory.snapshot()) == {"node-1"}
-    lists = [r for r in fake.requests if r.method == "GET" and r.path == "/api/v1/nodes"]
-    assert len(lists) >= 4
+    lists = node_lists(kube)
+    assert len(lists) == 4
+    statuses = kube.proxy.statuses()
+    assert [statuses[n] for n in lists] == [503, 503, 503, 200]
 
 
 def test_stop_is_prompt_while_a_watch_is_open(
-    kube: tuple[FakeKubeAPI, Path], directory: NodeDirectory, api: Any
+    kube: KubeTest, directory: NodeDirectory, api: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    fake, _ = kube
+    kube.add_node("node-1")
     node_watch = watching(api, directory)
-    wait_until(lambda: fake.active_watchers >= 1, 10, "an open watch")
-    node_watch.stop(timeout=3)
-    wait_until(lambda: fake.active_watchers == 0, 5, "the watch to close")
+    wait_until(lambda: open_watches(kube) >= 1, WAIT, "an open watch")
+    with caplog.at_level(logging.INFO, logger="coordinator.k8s_listwatch"):
+        node_watch.stop(timeout=3)
+    # Cutting its own connection is no failure worth a warning.
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+    # The proxy learns that a client has gone only when it relays the next event to it, and
+    # only a closed connection refuses it.
+    pokes = iter(range(1000))
+
+    def closed() -> bool:
+        kube.plane.patch(
+            "/api/v1/nodes/node-1", {"metadata": {"labels": {"poke": str(next(pokes))}}}
+        )
+        return open_watches(kube) == 0
+
+    wait_until(closed, 10, "the watch connection to be closed", interval=0.2)

@@ -1,10 +1,12 @@
 """One conformance suite for every NodeLabeler: the local store and Kubernetes Node objects
-(through the official client, over HTTP, against the fake API server)."""
+(through the official client, against a real kube-apiserver, as the coordinator's
+ServiceAccount, whose writes the manifests' admission policy fences)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,24 +21,32 @@ from coordinator.labelers import LocalNodeLabeler, NodeLabeler
 from coordinator.labels import OWNED_LABELS_ANNOTATION, label_key
 from coordinator.store import Store
 from datacache.localcluster import wait_until
-from tests.fakekube import FakeKubeAPI
+from tests.faultproxy import Fault, Request, Rule
+from tests.kubecontrolplane import KubeTest
 
 KEY_A, KEY_B = label_key("a"), label_key("b" * 80)
 NODES = ("node-1", "node-2")
+COORDINATOR_SA = ("datacache", "datacache-coordinator")
+AGENT_SA = ("datacache-agent", "datacache-agent")
+WAIT = 30.0
+
+
+def coordinator_kubeconfig(kube: KubeTest) -> Path:
+    """The coordinator's ServiceAccount token, through the fault proxy."""
+    return kube.proxied_kubeconfig(kube.token(*COORDINATOR_SA), name="coordinator")
 
 
 @pytest.fixture(params=["local", "kubernetes", "kubernetes-watched"])
-def labeler(
-    request: pytest.FixtureRequest, tmp_path: Path, kube: tuple[FakeKubeAPI, Path]
-) -> Iterator[NodeLabeler]:
+def labeler(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NodeLabeler]:
     if request.param == "local":
         store = Store(tmp_path / "store.db")
         yield LocalNodeLabeler(store)
         store.close()
         return
-    fake, kubeconfig = kube
+    kube: KubeTest = request.getfixturevalue("kube")
     for node in NODES:
-        fake.add_node(node, labels={"team": "ml"})
+        kube.add_node(node, labels={"team": "ml"})
+    kubeconfig = coordinator_kubeconfig(kube)
     if request.param == "kubernetes":
         yield KubernetesNodeLabeler(core_api(str(kubeconfig)))
         return
@@ -51,7 +61,7 @@ def watched(api: Any) -> Iterator[NodeDirectory]:
     node_watch = NodeWatch(api, directory)
     node_watch.start()
     try:
-        wait_until(lambda: directory.synced, 10, "the first list of nodes")
+        wait_until(lambda: directory.synced, WAIT, "the first list of nodes")
         yield directory
     finally:
         node_watch.stop()
@@ -77,111 +87,196 @@ def test_set_get_and_remove(labeler: NodeLabeler) -> None:
     asyncio.run(scenario())
 
 
+FOREIGN = f"{KEY_A}-user"
+"""A label under datacache's prefix that datacache did not write (its annotation does not
+name it): the labeler must leave it alone."""
+
+
 @pytest.fixture
-def k8s(kube: tuple[FakeKubeAPI, Path]) -> tuple[FakeKubeAPI, KubernetesNodeLabeler]:
-    fake, kubeconfig = kube
-    fake.add_node("node-1", labels={"team": "ml", f"{KEY_A}-user": "mine"})
-    return fake, KubernetesNodeLabeler(core_api(str(kubeconfig)))
+def k8s(kube: KubeTest) -> KubernetesNodeLabeler:
+    """node-1 (team=ml, and FOREIGN set by the coordinator's ServiceAccount without claiming
+    it: nobody else may set a dataset label), and a labeler as that ServiceAccount through
+    the fault proxy."""
+    kube.add_node("node-1", labels={"team": "ml"})
+    kube.plane.request(
+        "PATCH",
+        "/api/v1/nodes/node-1",
+        {"metadata": {"labels": {FOREIGN: "mine"}}},
+        content_type="application/merge-patch+json",
+        token=kube.token(*COORDINATOR_SA),
+    )
+    return KubernetesNodeLabeler(core_api(str(coordinator_kubeconfig(kube))))
+
+
+def registered_labels(name: str) -> dict[str, str]:
+    """The labels a Node registered by `KubeControlPlane.add_node` carries by itself."""
+    return {
+        "kubernetes.io/hostname": name,
+        "kubernetes.io/os": "linux",
+        "kubernetes.io/arch": "amd64",
+    }
 
 
 def test_kubernetes_never_touches_foreign_labels(
-    k8s: tuple[FakeKubeAPI, KubernetesNodeLabeler],
+    kube: KubeTest, k8s: KubernetesNodeLabeler
 ) -> None:
-    fake, labeler = k8s
-    asyncio.run(labeler.set_labels("node-1", {KEY_A: "ready"}))
-    node = fake.get_node("node-1")
-    assert node is not None
-    assert node["metadata"]["labels"] == {"team": "ml", f"{KEY_A}-user": "mine", KEY_A: "ready"}
+    mark = len(kube.proxy.requests)
+    asyncio.run(k8s.set_labels("node-1", {KEY_A: "ready"}))
+    node = kube.get_node("node-1")
+    base = {**registered_labels("node-1"), "team": "ml", FOREIGN: "mine"}
+    assert node["metadata"]["labels"] == {**base, KEY_A: "ready"}
     assert node["metadata"]["annotations"][OWNED_LABELS_ANNOTATION] == KEY_A
-    asyncio.run(labeler.set_labels("node-1", {}))
-    node = fake.get_node("node-1")
-    assert node is not None
-    assert node["metadata"]["labels"] == {"team": "ml", f"{KEY_A}-user": "mine"}
-    assert OWNED_LABELS_ANNOTATION not in node["metadata"].get("annotations", {})
-    patches = [r for r in fake.requests if r.method == "PATCH"]
-    assert patches and all(r.content_type == "application/merge-patch+json" for r in patches)
+    owners = {m["manager"] for m in node["metadata"]["managedFields"]}
+    assert "datacache-coordinator" in owners
+    assert asyncio.run(k8s.get_labels("node-1")) == {KEY_A: "ready"}
+    asyncio.run(k8s.set_labels("node-1", {}))
+    node = kube.get_node("node-1")
+    assert node["metadata"]["labels"] == base
+    assert OWNED_LABELS_ANNOTATION not in (node["metadata"].get("annotations") or {})
+    patches = [r for r in kube.proxy.requests[mark:] if r.method == "PATCH"]
+    assert [r.path.partition("?")[0] for r in patches] == ["/api/v1/nodes/node-1"] * 2
+    # Each write is a merge patch under the coordinator's field manager.
+    assert all(r.content_type == "application/merge-patch+json" for r in patches)
+    assert all("fieldManager=datacache-coordinator" in r.path for r in patches)
 
 
-def test_kubernetes_retries_conflicts(k8s: tuple[FakeKubeAPI, KubernetesNodeLabeler]) -> None:
-    fake, labeler = k8s
-    fake.inject_conflicts("nodes", name="node-1", count=2)
-    assert asyncio.run(labeler.set_labels("node-1", {KEY_A: "ready"}))
-    assert asyncio.run(labeler.get_labels("node-1")) == {KEY_A: "ready"}
+class CompetingWriter:
+    """Someone else (an admin) changes node-1 between the labeler's read and its patch, for
+    the first `times` label patches: the API server answers those 409 Conflict, as the
+    patch carries the resourceVersion the labeler read. A proxy rule predicate runs it, just
+    before the proxy forwards the patch."""
+
+    def __init__(self, kube: KubeTest, times: int) -> None:
+        self._kube = kube
+        self._times = times
+        self._lock = threading.Lock()
+        self.writes = 0
+
+    def __call__(self, request: Request) -> bool:
+        with self._lock:
+            if self.writes >= self._times:
+                return False
+            self.writes += 1
+            value = f"ml-{self.writes}"
+        self._kube.plane.patch("/api/v1/nodes/node-1", {"metadata": {"labels": {"team": value}}})
+        return False
+
+    def rule(self) -> Rule:
+        # Never injects a fault: the predicate's write makes the real server refuse the patch.
+        return Rule(Fault("answer", status=500), method="PATCH", when=self)
+
+
+def test_kubernetes_retries_conflicts(kube: KubeTest, k8s: KubernetesNodeLabeler) -> None:
+    writer = CompetingWriter(kube, times=2)
+    kube.proxy.set_rules([writer.rule()])
+    mark = len(kube.proxy.requests)
+    assert asyncio.run(k8s.set_labels("node-1", {KEY_A: "ready"}))
+    patches = [r.number for r in kube.proxy.requests[mark:] if r.method == "PATCH"]
+    statuses = kube.proxy.statuses()
+    assert [statuses[n] for n in patches] == [409, 409, 200]
+    assert asyncio.run(k8s.get_labels("node-1")) == {KEY_A: "ready"}
+    # Each retry read the node again: the other writer's change stands.
+    assert kube.node_labels("node-1")["team"] == "ml-2"
 
 
 def test_kubernetes_gives_up_after_bounded_conflicts(
-    k8s: tuple[FakeKubeAPI, KubernetesNodeLabeler],
+    kube: KubeTest, k8s: KubernetesNodeLabeler
 ) -> None:
-    fake, labeler = k8s
-    fake.inject_conflicts("nodes", name="node-1", count=50)
+    writer = CompetingWriter(kube, times=50)
+    kube.proxy.set_rules([writer.rule()])
+    mark = len(kube.proxy.requests)
     with pytest.raises(LabelerError, match="failed 5 times") as info:
-        asyncio.run(labeler.set_labels("node-1", {KEY_A: "ready"}))
+        asyncio.run(k8s.set_labels("node-1", {KEY_A: "ready"}))
     assert getattr(info.value.__cause__, "status", None) == 409
+    patches = [r.number for r in kube.proxy.requests[mark:] if r.method == "PATCH"]
+    statuses = kube.proxy.statuses()
+    assert [statuses[n] for n in patches] == [409] * 5
+    assert KEY_A not in kube.node_labels("node-1")
 
 
-def test_kubernetes_missing_node(k8s: tuple[FakeKubeAPI, KubernetesNodeLabeler]) -> None:
-    _, labeler = k8s
+def test_kubernetes_missing_node(k8s: KubernetesNodeLabeler) -> None:
     with pytest.raises(NodeMissing, match="node-9"):
-        asyncio.run(labeler.set_labels("node-9", {KEY_A: "ready"}))
-    assert asyncio.run(labeler.get_labels("node-9")) == {}
+        asyncio.run(k8s.set_labels("node-9", {KEY_A: "ready"}))
+    assert asyncio.run(k8s.get_labels("node-9")) == {}
 
 
 def test_kubernetes_retries_a_failed_label_patch(
-    k8s: tuple[FakeKubeAPI, KubernetesNodeLabeler],
+    kube: KubeTest, k8s: KubernetesNodeLabeler
 ) -> None:
-    fake, labeler = k8s
     # The reads go through; the patch itself fails twice with 503.
-    fake.fail_next(2, 503, method="PATCH")
-    assert asyncio.run(labeler.set_labels("node-1", {KEY_A: "ready"}))
-    assert [r.method for r in fake.requests].count("PATCH") == 3
-    assert asyncio.run(labeler.get_labels("node-1")) == {KEY_A: "ready"}
-    node = fake.get_node("node-1")
-    assert node is not None and node["metadata"]["labels"]["team"] == "ml"
+    kube.proxy.set_rules([Rule(Fault("answer", status=503), method="PATCH", limit=2)])
+    mark = len(kube.proxy.requests)
+    assert asyncio.run(k8s.set_labels("node-1", {KEY_A: "ready"}))
+    assert [r.method for r in kube.proxy.requests[mark:]].count("PATCH") == 3
+    assert asyncio.run(k8s.get_labels("node-1")) == {KEY_A: "ready"}
+    assert kube.node_labels("node-1")["team"] == "ml"
 
 
-def test_kubernetes_does_not_retry_a_forbidden_patch(
-    k8s: tuple[FakeKubeAPI, KubernetesNodeLabeler],
-) -> None:
-    fake, labeler = k8s
-    fake.fail_next(1, 403)
+def test_kubernetes_does_not_retry_a_forbidden_patch(kube: KubeTest) -> None:
+    """Only the coordinator's ServiceAccount may set dataset labels: a labeler with anyone
+    else's credentials (here cluster-admin's) is refused by the admission policy, 403, and
+    does not try again."""
+    kube.add_node("node-1", labels={"team": "ml"})
+    labeler = KubernetesNodeLabeler(core_api(str(kube.proxied_kubeconfig(name="cluster-admin"))))
+    mark = len(kube.proxy.requests)
     with pytest.raises(LabelerError, match="403"):
         asyncio.run(labeler.set_labels("node-1", {KEY_A: "ready"}))
-    assert [r.method for r in fake.requests] == ["GET"]
+    assert [r.method for r in kube.proxy.requests[mark:]] == ["GET", "PATCH"]
+    assert KEY_A not in kube.node_labels("node-1")
 
 
-def test_a_watched_labeler_reads_the_watch_not_a_list_of_every_node(
-    kube: tuple[FakeKubeAPI, Path],
-) -> None:
-    fake, kubeconfig = kube
+def test_kubernetes_does_not_retry_a_forbidden_read(kube: KubeTest) -> None:
+    """A ServiceAccount without RBAC on Nodes (the agent's) is refused the read, 403, once."""
+    kube.add_node("node-1")
+    kubeconfig = kube.proxied_kubeconfig(kube.token(*AGENT_SA), name="agent")
+    labeler = KubernetesNodeLabeler(core_api(str(kubeconfig)))
+    mark = len(kube.proxy.requests)
+    with pytest.raises(LabelerError, match="403"):
+        asyncio.run(labeler.set_labels("node-1", {KEY_A: "ready"}))
+    assert [r.method for r in kube.proxy.requests[mark:]] == ["GET"]
+    with pytest.raises(LabelerError, match="403"):
+        asyncio.run(labeler.get_labels("node-1"))
+
+
+def test_a_watched_labeler_reads_the_watch_not_a_list_of_every_node(kube: KubeTest) -> None:
     for node in NODES:
-        fake.add_node(node)
-    api = core_api(str(kubeconfig))
+        kube.add_node(node)
+    api = core_api(str(coordinator_kubeconfig(kube)))
     with watched(api) as directory:
         labeler = KubernetesNodeLabeler(api, directory)
         assert asyncio.run(labeler.set_labels("node-1", {KEY_A: "ready"}))
-        listed = len(fake.requests)
+        listed = len(kube.proxy.requests)
         for _ in range(3):
             assert asyncio.run(labeler.labelled_nodes()) == {"node-1": {KEY_A: "ready"}}
-        assert len(fake.requests) == listed, "labelled_nodes asked the API server"
+        assert len(kube.proxy.requests) == listed, "labelled_nodes asked the API server"
 
         # A change made by someone else shows once the watch delivers it.
         plain = KubernetesNodeLabeler(api)
         assert asyncio.run(plain.set_labels("node-2", {KEY_B: "ready"}))
         wait_until(
             lambda: asyncio.run(labeler.labelled_nodes()).get("node-2") == {KEY_B: "ready"},
-            10,
+            WAIT,
             "node-2's labels from the watch",
         )
         # ... and so does a removal of labels this labeler wrote, once its own write is
         # seen by the watch (until then its write stands).
         wait_until(
             lambda: (directory.get("node-1") or NodeFacts("")).owned_labels == {KEY_A: "ready"},
-            10,
+            WAIT,
             "node-1's labels from the watch",
         )
         assert asyncio.run(plain.set_labels("node-1", {}))
         wait_until(
             lambda: "node-1" not in asyncio.run(labeler.labelled_nodes()),
-            10,
+            WAIT,
             "node-1's removal from the watch",
         )
+        # The watched labeler never listed the nodes: the watch told it everything.
+        lists = [
+            r
+            for r in kube.proxy.requests[listed:]
+            if r.method == "GET"
+            and r.path.partition("?")[0] == "/api/v1/nodes"
+            and "watch=" not in r.path.lower()
+        ]
+        assert lists == []
