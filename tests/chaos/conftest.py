@@ -27,8 +27,9 @@ NOTES = [
     "those sources store no checksum, so the first copy is recorded as `unverified` (size "
     "only) and fixes the version; every later replica is verified against it. The NFS "
     "scenario therefore flips bytes in transit to a later replica.",
-    "Kubernetes itself is the fake API server of tests/fakekube.py (no kube-apiserver runs "
-    "here); everything else is a real process.",
+    "No kubelet runs: the scenarios register Node objects themselves (Ready, with capacity, as a "
+    "kubelet would) and the agents are processes on this machine, not pods of the DaemonSet; "
+    "the control plane and everything else is a real process.",
 ]
 
 

@@ -14,8 +14,8 @@ nothing good is lost.
   second while faults are injected, and records every file that is partial, corrupt, not a
   regular file or not in the source (exposures), and every verified copy that disappeared while
   the coordinator still wanted it (lost copies).
-- `NodeLabelWatch`: every label change of every Node of the fake Kubernetes API, from a real
-  watch stream (no change is missed, unlike polling).
+- `NodeLabelWatch`: every label change of every Node of a Kubernetes API server, from a watch
+  stream (no change is missed, unlike polling; a stream that ends early is an error).
 
 Every wait is bounded; every thread and process is stopped by its owner's `close()`/`stop()`.
 """
@@ -30,9 +30,11 @@ import os
 import random
 import shutil
 import socket
+import ssl
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -61,6 +63,9 @@ MiB = 1 << 20
 BIG_KEY = "big.bin"
 NAMESPACE = "default"
 LABEL_PREFIX = "dataset.datacache.io/"
+_WATCH_SECONDS = 1800
+"""How long a NodeLabelWatch asks the API server to keep its stream open: longer than any
+scenario."""
 
 
 # Sizes and content ----------------------------------------------------------------------------
@@ -758,15 +763,20 @@ class Monitor:
             )
 
 
-# Node labels on the fake Kubernetes API ----------------------------------------------------------
+# Node labels on the Kubernetes API ----------------------------------------------------------------
 
 
 @dataclass
 class NodeLabelWatch:
-    """Streams `GET /api/v1/nodes?watch=true` from the fake API server and records every
-    change of a datacache label (`dataset.datacache.io/...`) on every Node."""
+    """Streams `GET /api/v1/nodes?watch=true` from a Kubernetes API server and records every
+    change of a datacache label (`dataset.datacache.io/...`) on every Node. The stream must last
+    until `stop()`: if the server ends it or sends an ERROR event, changes may have been missed,
+    and `error` says so."""
 
-    url: str
+    server: str
+    """`https://host:port` (or `http://` for a proxy)."""
+    context: ssl.SSLContext | None = None
+    """For https: trusts the cluster CA and presents a client certificate allowed to watch."""
     changes: list[LabelChange] = field(default_factory=list)
     uids: dict[str, set[str]] = field(default_factory=dict)
     _labels: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -777,16 +787,20 @@ class NodeLabelWatch:
     error: BaseException | None = None
 
     def start(self) -> NodeLabelWatch:
-        host, port = self.url.removeprefix("http://").split(":")
-        self._conn = http.client.HTTPConnection(host, int(port), timeout=600)
+        split = urllib.parse.urlsplit(self.server)
+        host, port = split.hostname or "127.0.0.1", split.port
+        if split.scheme == "https":
+            self._conn = http.client.HTTPSConnection(host, port, timeout=600, context=self.context)
+        else:
+            self._conn = http.client.HTTPConnection(host, port, timeout=600)
         self._conn.request(
             "GET",
-            "/api/v1/nodes?watch=true&timeoutSeconds=600",
-            headers={"Authorization": "Bearer chaos"},
+            f"/api/v1/nodes?watch=true&timeoutSeconds={_WATCH_SECONDS}",
+            headers={"Accept": "application/json"},
         )
         response = self._conn.getresponse()
         if response.status != 200:
-            raise ClusterError(f"node watch answered {response.status}")
+            raise ClusterError(f"node watch answered {response.status}: {response.read()[:300]!r}")
         self._thread = threading.Thread(
             target=self._read, args=(response,), name="chaos-node-watch", daemon=True
         )
@@ -798,6 +812,8 @@ class NodeLabelWatch:
             while line := response.readline():
                 event = json.loads(line)
                 obj = event.get("object", {})
+                if event.get("type") == "ERROR":
+                    raise ClusterError(f"the node watch failed: {obj.get('message', obj)}")
                 meta = obj.get("metadata", {})
                 name = meta.get("name", "")
                 if event.get("type") == "DELETED":
@@ -815,6 +831,8 @@ class NodeLabelWatch:
                     if before.get(key) != labels.get(key):
                         self.changes.append(LabelChange(now, name, key, labels.get(key)))
                 self._labels[name] = labels
+            if not self._stopping:
+                raise ClusterError("the API server ended the node watch early")
         except Exception as exc:  # the stream's end when stopping; otherwise a test failure
             if not self._stopping:
                 self.error = exc

@@ -135,10 +135,13 @@ def render(
         "",
         "Each scenario starts real processes on loopback: SeaweedFS or moto as the S3 origin, "
         "nfs-ganesha for NFS, a coordinator and several agent processes (each with its own "
-        "cache directory, i.e. its own node), the fake Kubernetes API server where labels go to "
-        "Node objects. Faults come from a fault-injecting HTTP proxy (tests/faultproxy.py), a "
-        "byte-flipping TCP proxy, `faketime`, nftables in a network namespace, a small tmpfs, a "
-        "loop-mounted ext4 image whose backing file is cut short (real EIO), SIGKILL, and hostile "
+        "cache directory, i.e. its own node), and a real Kubernetes control plane (etcd, "
+        "kube-apiserver, kube-scheduler and kube-controller-manager built by "
+        "`scripts/kube-binaries`, datacache's manifests applied) where the coordinator writes "
+        "labels to Node objects with its own ServiceAccount's token. Faults come from a "
+        "fault-injecting HTTP proxy (tests/faultproxy.py), a byte-flipping TCP proxy, "
+        "`faketime`, nftables in a network namespace, a small tmpfs, a loop-mounted ext4 "
+        "image whose backing file is cut short (real EIO), SIGKILL, and hostile "
         "object keys and API input. While each scenario runs, a monitor walks every published "
         "`current` directory of every agent several times a second and compares each file's bytes "
         "with every version of that object the origin ever held.",

@@ -1,13 +1,18 @@
-"""Scenarios 6 and 8, with labels on Node objects of the fake Kubernetes API server:
-the coordinator SIGKILLed and restarted during placement and during a label patch; a Node
-deleted and re-created under the same name, foreign labels, 409 Conflicts on label patches."""
+"""Scenarios 6 and 8, with labels on Node objects of a real Kubernetes control plane (etcd,
+kube-apiserver, scheduler, controller manager; datacache's manifests applied): the coordinator
+SIGKILLed and restarted during placement and during a label patch; a Node deleted and re-created
+under the same name, foreign labels, 409 Conflicts on label patches.
+
+The coordinator runs with its own ServiceAccount's token, as in a cluster, so every label it
+writes passes RBAC and the admission policies that fence its node permission; it reaches the
+API server through a fault proxy that records every request. The tests read Nodes and watch
+their labels as the cluster admin, straight from the API server."""
 
 from __future__ import annotations
 
 import json
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,89 +28,121 @@ from tests.chaos.harness import (
     wait_for,
 )
 from tests.chaos.report import ScenarioRecord
-from tests.fakekube import FakeKubeAPI
-from tests.faultproxy import Fault, FaultProxy, Rule
+from tests.faultproxy import Fault, FaultProxy, Request, Rule
+from tests.kubecontrolplane import KubeAPIError, KubeTest
 
 NODES = ["node-1", "node-2", "node-3"]
 OWNED = "datacache.io/owned-labels"
+COORDINATOR_SA = ("datacache", "datacache-coordinator")
+REFUSED = (401, 403, 422)
+"""Statuses of a request the API server refused: authentication, RBAC or admission."""
 
 
-def kubeconfig(path: Path, server: str) -> Path:
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "fake", "cluster": {"server": server}}],
-        "users": [{"name": "fake", "user": {"token": "chaos"}}],
-        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
-        "current-context": "fake",
-    }
-    path.write_text(json.dumps(config))
-    return path
+def get_node(kube: KubeTest, node: str) -> dict[str, Any] | None:
+    try:
+        return kube.get_node(node)
+    except KubeAPIError as exc:
+        if exc.status == 404:
+            return None
+        raise
 
 
-def node_labels(fake: FakeKubeAPI, node: str) -> dict[str, str]:
-    obj = fake.get_node(node)
+def node_labels(kube: KubeTest, node: str) -> dict[str, str]:
+    obj = get_node(kube, node)
     return {} if obj is None else dict(obj["metadata"].get("labels") or {})
 
 
-def labelled(fake: FakeKubeAPI, short: str) -> set[str]:
-    return {n for n in NODES if node_labels(fake, n).get(label_key(short)) == "ready"}
+def owned_annotation(kube: KubeTest, node: str) -> set[str]:
+    obj = get_node(kube, node)
+    annotations = {} if obj is None else obj["metadata"].get("annotations") or {}
+    return set(filter(None, annotations.get(OWNED, "").split(",")))
+
+
+def labelled(kube: KubeTest, short: str) -> set[str]:
+    return {n for n in NODES if node_labels(kube, n).get(label_key(short)) == "ready"}
+
+
+def converged(chaos: ChaosCluster, kube: KubeTest, short: str, count: int) -> bool:
+    ready = chaos.ready(short)
+    return len(ready) == count and labelled(kube, short) == ready
+
+
+def coordinator_flags(kube: KubeTest) -> tuple[str, ...]:
+    """The coordinator as in a cluster: the Kubernetes labeler with its ServiceAccount's token,
+    here through the fault proxy."""
+    token = kube.token(*COORDINATOR_SA)
+    return (
+        "--labeler=kubernetes",
+        f"--kubeconfig={kube.proxied_kubeconfig(token, name='coordinator')}",
+    )
+
+
+def node_path(request: Request) -> str | None:
+    """The Node a request addresses (`/api/v1/nodes/<name>`, no subresource), if any."""
+    path = request.path.partition("?")[0]
+    prefix = "/api/v1/nodes/"
+    if not path.startswith(prefix) or "/" in path[len(prefix) :]:
+        return None
+    return path[len(prefix) :]
+
+
+def refused_requests(proxy: FaultProxy) -> list[tuple[str, str, int]]:
+    statuses = proxy.statuses()
+    return [
+        (r.method, r.path, statuses[r.number])
+        for r in proxy.requests
+        if statuses.get(r.number) in REFUSED
+    ]
 
 
 @pytest.fixture
-def fake() -> Iterator[FakeKubeAPI]:
-    with FakeKubeAPI() as api:
-        for node in NODES:
-            api.add_node(node)
-        yield api
-        assert not api.server_errors, api.server_errors
+def kube_nodes(kube: KubeTest) -> KubeTest:
+    """The control plane with NODES registered (Ready, with status), as kubelets would."""
+    for node in NODES:
+        kube.add_node(node)
+    return kube
 
 
 @pytest.fixture
-def watch(fake: FakeKubeAPI) -> Iterator[NodeLabelWatch]:
-    found = NodeLabelWatch(fake.url).start()
+def watch(kube_nodes: KubeTest) -> Iterator[NodeLabelWatch]:
+    plane = kube_nodes.plane
+    found = NodeLabelWatch(plane.server, plane.admin_ssl_context()).start()
     try:
         yield found
     finally:
         found.stop()
 
 
-def converged(chaos: ChaosCluster, fake: FakeKubeAPI, short: str, count: int) -> bool:
-    ready = chaos.ready(short)
-    return len(ready) == count and labelled(fake, short) == ready
+# `kube_nodes` comes first in each test's arguments: its cleanup (deleting the Nodes) then
+# runs after the coordinator and agents of `chaos` have stopped.
 
 
 @pytest.mark.scenario(6, "Coordinator SIGKILLed during placement and during label patching")
 def test_coordinator_killed_during_placement_and_labelling(
+    kube_nodes: KubeTest,
+    watch: NodeLabelWatch,
     chaos: ChaosCluster,
     bucket: str,
     sizes: Sizes,
     record: ScenarioRecord,
-    fake: FakeKubeAPI,
-    watch: NodeLabelWatch,
-    tmp_path: Path,
 ) -> None:
+    kube = kube_nodes
     origins = {
         short: S3Origin(chaos.local.s3_endpoint, bucket, prefix=f"{short}/")
         for short in ("a", "b", "c")
     }
     for i, origin in enumerate(origins.values()):
         origin.put_all(generate(10 + i, sizes))
-    with (
-        FaultProxy(fake.url) as kube_proxy,
-        FaultProxy(chaos.local.s3_endpoint) as s3_proxy,
-    ):
-        flags = (
-            "--labeler=kubernetes",
-            f"--kubeconfig={kubeconfig(tmp_path / 'kc', kube_proxy.url)}",
-        )
+    kube_proxy = kube.proxy
+    with FaultProxy(chaos.local.s3_endpoint) as s3_proxy:
+        flags = coordinator_flags(kube)
         chaos.start_coordinator(*flags)
         for node in NODES:
             chaos.start_agent(node, f"--s3-endpoint-url={s3_proxy.url}")
         chaos.wait_registered(NODES)
         with Monitor(chaos, origins) as monitor:
             chaos.create("a", origins["a"].uri, replicas=2)
-            wait_for(lambda: converged(chaos, fake, "a", 2), 60, "a Ready and labelled")
+            wait_for(lambda: converged(chaos, kube, "a", 2), 60, "a Ready and labelled")
             holders_a = chaos.ready("a")
 
             def a_reads() -> int:
@@ -125,7 +162,7 @@ def test_coordinator_killed_during_placement_and_labelling(
             )
             restarted = time.monotonic()
             chaos.start_coordinator(*flags)
-            wait_for(lambda: converged(chaos, fake, "b", 2), 60, "b Ready and labelled")
+            wait_for(lambda: converged(chaos, kube, "b", 2), 60, "b Ready and labelled")
             after_placement = time.monotonic() - restarted
 
             # 2. Killed with a label patch applied by the API server but not yet answered.
@@ -139,9 +176,11 @@ def test_coordinator_killed_during_placement_and_labelling(
                     )
                 ]
             )
+            held_from = len(kube_proxy.requests)
             chaos.create("c", origins["c"].uri, replicas=1)
             wait_for(lambda: kube_proxy.counts()["latency"] >= 1, 60, "a label patch in flight")
             chaos.local.coordinator.kill()
+            held = kube_proxy.injected[-1].request
             record.fault(
                 "SIGKILL of the coordinator while its label PATCH was in flight (applied by the "
                 "API server, the answer held back 5 s by a proxy)"
@@ -151,7 +190,7 @@ def test_coordinator_killed_during_placement_and_labelling(
             chaos.start_coordinator(*flags)
             wait_for(
                 lambda: all(
-                    converged(chaos, fake, s, n) for s, n in (("a", 2), ("b", 2), ("c", 1))
+                    converged(chaos, kube, s, n) for s, n in (("a", 2), ("b", 2), ("c", 1))
                 ),
                 60,
                 "every dataset Ready and labelled",
@@ -182,59 +221,106 @@ def test_coordinator_killed_during_placement_and_labelling(
         f"dataset a (Ready on {sorted(holders_a)} before the kills): {extra_reads} S3 reads and "
         f"{sum(refetched_a.values()):.0f} bytes fetched again across both restarts"
     )
+    # The held patch was a label write the API server applied (200) before the kill.
+    statuses = kube_proxy.statuses()
+    assert held.number > held_from and node_path(held) is not None, held
+    assert statuses.get(held.number) == 200, (held, statuses.get(held.number))
+    assert refused_requests(kube_proxy) == []
+    node_patches = [
+        statuses.get(r.number)
+        for r in kube_proxy.requests
+        if r.method == "PATCH" and node_path(r) is not None
+    ]
+    assert node_patches and set(node_patches) <= {200, None}, node_patches
     assert watch.error is None, watch.error
     assert removals == [], removals
     assert chaos.ready("a") == holders_a
     assert extra_reads == 0 and sum(refetched_a.values()) == 0
     for node in NODES:
-        obj = fake.get_node(node)
-        assert obj is not None
-        owned = set(filter(None, obj["metadata"].get("annotations", {}).get(OWNED, "").split(",")))
-        assert owned == {k for k in node_labels(fake, node) if k.startswith("dataset.")}
+        assert owned_annotation(kube, node) == {
+            k for k in node_labels(kube, node) if k.startswith("dataset.")
+        }
     assert record.exposed == 0 and record.lost == 0
+
+
+CONFLICTS_PER_NODE = 2
 
 
 @pytest.mark.scenario(8, "Node deleted and re-created, foreign labels, 409 on label patches")
 def test_node_recreated_foreign_labels_and_conflicts(
+    kube_nodes: KubeTest,
+    watch: NodeLabelWatch,
     chaos: ChaosCluster,
     bucket: str,
     sizes: Sizes,
     record: ScenarioRecord,
-    fake: FakeKubeAPI,
-    watch: NodeLabelWatch,
-    tmp_path: Path,
 ) -> None:
+    kube = kube_nodes
+    plane = kube.plane
     origin = S3Origin(chaos.local.s3_endpoint, bucket)
     origin.put_all(generate(13, sizes))
-    foreign = {"team": "ml", label_key("someone-elses"): "ready", label_key("data") + "-x": "ready"}
-    fake.delete_node("node-3")
-    fake.add_node("node-3", labels=foreign)
-    record.fault(f"node-3 carries labels datacache did not set: {sorted(foreign)}")
-    chaos.start_coordinator(
-        "--labeler=kubernetes", f"--kubeconfig={fake.write_kubeconfig(tmp_path / 'kc')}"
+    # Labels under datacache's prefix that are not in the owned-labels annotation: only the
+    # coordinator's identity may set such labels (the admission policy), so they are seeded
+    # with its token, as an older coordinator or a person holding its token would have.
+    ours_elsewhere = {label_key("someone-elses"): "ready", label_key("data") + "-x": "ready"}
+    foreign = {"team": "ml", **ours_elsewhere}
+    coordinator_token = kube.token(*COORDINATOR_SA)
+    plane.patch("/api/v1/nodes/node-3", {"metadata": {"labels": {"team": "ml"}}})
+    plane.request(
+        "PATCH",
+        "/api/v1/nodes/node-3",
+        {"metadata": {"labels": ours_elsewhere}},
+        content_type="application/merge-patch+json",
+        token=coordinator_token,
     )
+    assert all(node_labels(kube, "node-3").get(k) == v for k, v in foreign.items())
+    record.fault(f"node-3 carries labels datacache did not set: {sorted(foreign)}")
+
+    # Another writer (as a kubelet or a controller would) changes each Node between the
+    # coordinator's read and its label patch, the first CONFLICTS_PER_NODE times: the patch
+    # carries the resourceVersion read, so the API server itself answers 409 Conflict. The
+    # proxy picks its rules before it forwards a request, so the other write lands first every
+    # time (straight to the API server, not through the proxy).
+    raced: dict[str, int] = {}
+
+    def race(request: Request) -> Fault | None:
+        node = node_path(request)
+        if request.method != "PATCH" or node not in NODES:
+            return None
+        if raced.get(node, 0) >= CONFLICTS_PER_NODE:
+            return None
+        raced[node] = raced.get(node, 0) + 1
+        plane.patch(
+            f"/api/v1/nodes/{node}",
+            {"metadata": {"annotations": {"chaos.datacache.io/other-writer": str(raced[node])}}},
+        )
+        return None
+
+    chaos.start_coordinator(*coordinator_flags(kube))
     for node in NODES:
         chaos.start_agent(node)
     chaos.wait_registered(NODES)
     with Monitor(chaos, {"data": origin}) as monitor:
-        for node in NODES:
-            fake.inject_conflicts("nodes", name=node, count=2)
-        record.fault("the next 2 writes to every Node answered 409 Conflict")
+        kube.proxy.set_rules(race)
+        record.fault(
+            f"the first {CONFLICTS_PER_NODE} label patches of every Node raced with another "
+            "writer's change to it: 409 Conflict from the API server (stale resourceVersion)"
+        )
         chaos.create("data", origin.uri, replicas=2)
-        wait_for(lambda: converged(chaos, fake, "data", 2), 60, "data Ready and labelled")
-        retried = [
-            r
-            for r in _coordinator_log(chaos)
-            if "Retrying label patch after 409" in r.get("msg", "")
-        ]
-        record.observe(f"{len(retried)} label patches retried after 409; labels set")
+        wait_for(lambda: converged(chaos, kube, "data", 2), 60, "data Ready and labelled")
+        retried = _retries_after_conflict(chaos)
+        conflicts = _conflicts(kube.proxy)
+        record.observe(
+            f"{len(retried)} label patches retried after 409 ({len(conflicts)} answered 409 by "
+            "the API server); labels set"
+        )
         holder = sorted(chaos.ready("data"))[0]
-        uid_before = (fake.get_node(holder) or {})["metadata"]["uid"]
+        uid_before = kube.get_node(holder)["metadata"]["uid"]
         fetched = chaos.agent_metric(
             holder, "datacache_agent_fetched_bytes_total", dataset="default/data"
         )
 
-        fake.delete_node(holder)
+        kube.delete_node(holder)
         wait_for(
             lambda: any(
                 "forgetting its replicas" in r.get("msg", "") for r in _coordinator_log(chaos)
@@ -242,16 +328,18 @@ def test_node_recreated_foreign_labels_and_conflicts(
             30,
             "the coordinator to see the deletion",
         )
-        fake.add_node(holder)
+        kube.add_node(holder)
         recreated = time.monotonic()
         record.fault(
             f"Node {holder} (a holder) deleted, then re-created under the same name (new UID)"
         )
+
+        def current_uid() -> str | None:
+            obj = get_node(kube, holder)
+            return None if obj is None else str(obj["metadata"]["uid"])
+
         wait_for(
-            lambda: (
-                converged(chaos, fake, "data", 2)
-                and (fake.get_node(holder) or {})["metadata"]["uid"] != uid_before
-            ),
+            lambda: converged(chaos, kube, "data", 2) and current_uid() not in (None, uid_before),
             90,
             "2 Ready, labelled replicas after the re-creation",
         )
@@ -269,17 +357,39 @@ def test_node_recreated_foreign_labels_and_conflicts(
         f"after the re-creation: Ready and labelled on {final}; {holder} fetched "
         f"{refetched:.0f} bytes again"
     )
-    labels3 = node_labels(fake, "node-3")
+    labels3 = node_labels(kube, "node-3")
     record.observe(
         "foreign labels on node-3 at the end: "
         + ("all intact" if all(labels3.get(k) == v for k, v in foreign.items()) else str(labels3))
     )
     assert all(labels3.get(k) == v for k, v in foreign.items())
-    owned3 = (fake.get_node("node-3") or {})["metadata"].get("annotations", {}).get(OWNED, "")
-    assert not any(k in owned3.split(",") for k in foreign)
-    assert len(retried) >= 1
+    assert not owned_annotation(kube, "node-3") & set(foreign)
+    # The two holders' patches met their races before the labels were set; over the whole
+    # scenario, every 409 was one a race caused, and each was retried.
+    assert len(retried) >= 2 * CONFLICTS_PER_NODE, retried
+    assert len(_conflicts(kube.proxy)) == sum(raced.values()), (_conflicts(kube.proxy), raced)
+    assert len(_retries_after_conflict(chaos)) == sum(raced.values())
+    # The Node seen by the watch under both UIDs: the deletion and the re-creation.
+    assert len(watch.uids[holder]) == 2, watch.uids
+    assert refused_requests(kube.proxy) == []
     assert watch.error is None, watch.error
     assert record.exposed == 0 and record.lost == 0
+
+
+def _conflicts(proxy: FaultProxy) -> list[Request]:
+    """The label patches the API server answered 409 Conflict."""
+    statuses = proxy.statuses()
+    return [
+        r
+        for r in proxy.requests
+        if r.method == "PATCH" and node_path(r) is not None and statuses.get(r.number) == 409
+    ]
+
+
+def _retries_after_conflict(chaos: ChaosCluster) -> list[dict[str, Any]]:
+    return [
+        r for r in _coordinator_log(chaos) if "Retrying label patch after 409" in r.get("msg", "")
+    ]
 
 
 def _coordinator_log(chaos: ChaosCluster) -> list[dict[str, Any]]:
