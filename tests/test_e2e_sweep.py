@@ -1,22 +1,18 @@
-"""A hyperparameter sweep end to end: trial pods go through the coordinator's admission webhook
-(AdmissionReview v1 over HTTPS) into the fake Kubernetes API, raise the dataset's replicas up
-to max_replicas, and are scheduled only where a Ready copy is; once the trials finish and the
-cool-down passes, the extra replicas, their labels and their files go. S3, coordinator and
-agents are real processes; a small scheduler and kubelet (`Kube`) play the cluster's part.
+"""A hyperparameter sweep end to end on a real control plane: a batch/v1 Job's trial pods,
+made by the real Job controller, go through the coordinator's admission webhook (registered
+with the real API server, which applies its JSON patch), raise the dataset's replicas up to
+max_replicas, and the real kube-scheduler binds them only where a Ready copy is; once the
+trials finish and the cool-down passes, the extra replicas, their labels and their files go.
+S3, coordinator and agents are real processes; the only stand-in is a kubelet that starts a
+bound pod once its hostPath volume exists on the node (nothing else here runs containers).
 Also the DemandService API (SetDemand) against a real coordinator."""
 
 from __future__ import annotations
 
 import base64
 import contextlib
-import copy
-import http.client
-import json
 import os
 import signal
-import socket
-import ssl
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -24,18 +20,18 @@ from typing import Any
 
 import grpc
 import pytest
+import yaml
 
-from coordinator.k8s_labeler import core_api
 from datacache.localcluster import LocalCluster, free_port, wait_until
 from datacache.v1 import datacache_pb2 as pb
 from datacache.v1 import datacache_pb2_grpc as pb_grpc
-from tests.fakekube import FakeKubeAPI, _apply_json_patch
+from tests.kubecontrolplane import REPO, KubeTest
 from tests.test_e2e import ready_nodes, start, tree_digests, upload_dataset
-from tests.test_k8s_pods import PODS
 from tests.tlscerts import CertificateAuthority
 
 LABEL = "dataset.datacache.io/default.sweep"
 NODES = ["node-1", "node-2", "node-3", "node-4"]
+NAMESPACE = "ml"
 # Where the webhook's hostPath points: the coordinator's --node-cache-dir (its default), which
 # stands for each local agent's --cache-dir (`LocalCluster.cache_dir`).
 NODE_CACHE_DIR = "/var/lib/datacache"
@@ -45,47 +41,104 @@ MOUNT_PATH = "/datasets/default/sweep"
 HOST_PATH = f"{NODE_CACHE_DIR}/datasets/default/sweep/current"
 REQUIRED = "requiredDuringSchedulingIgnoredDuringExecution"
 PREFERRED = "preferredDuringSchedulingIgnoredDuringExecution"
-TRIALS = [f"trial-{i}" for i in range(8)]
-# These two ask for `datacache.io/affinity: preferred`; the others get the default, required.
-PREFERRING = {"trial-6", "trial-7"}
-# Each trial requests 2 CPUs and every fake node has 4 allocatable (fakekube's default), so two
-# trials fit on a node: the 8 trials need all 4 nodes.
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+# Each trial requests 2 CPUs and every node has 4 allocatable, so two trials fit on a node:
+# the 8 trials (6 of the `sweep` Job, 2 of `sweep-preferred`) need all 4 nodes.
+NODE_CPU = "4"
 TRIAL_CPU = "2"
+REQUIRED_TRIALS = 6
+PREFERRED_TRIALS = 2
+WAIT = 60.0
+"""Seconds for any cross-process effect (scheduler, controllers, coordinator, agents)."""
 
 
-@pytest.fixture
-def kube_pods(tmp_path: Path) -> Iterator[tuple[FakeKubeAPI, Path]]:
-    """The fake API server with Pods as well as Nodes."""
-    with FakeKubeAPI(resources=[PODS]) as fake:
-        yield fake, fake.write_kubeconfig(tmp_path / "kubeconfig")
-        assert not fake.server_errors, fake.server_errors
+# --- the coordinator's identity and the webhook's registration ---------------------------------
 
 
-def trial_pod(name: str, affinity: str | None = None) -> dict[str, Any]:
-    """A trial pod as a Katib trial template makes it (before admission)."""
+def coordinator_kubeconfig(kube: KubeTest) -> Path:
+    """The coordinator's own ServiceAccount identity: the admission policy lets only it set
+    datacache's labels on Nodes."""
+    return kube.token_kubeconfig(kube.token("datacache", "datacache-coordinator"), "coordinator")
+
+
+def register_webhook(kube: KubeTest, port: int, ca_file: Path) -> None:
+    """Registers the shipped MutatingWebhookConfiguration (manifests/examples/webhook.yaml:
+    its rules, namespaceSelector and matchConditions) pointed at the local coordinator, and
+    waits until the API server calls it: configuration changes reach admission a moment after
+    they are stored."""
+    example = REPO / "manifests" / "examples" / "webhook.yaml"
+    (config,) = (
+        doc
+        for doc in yaml.safe_load_all(example.read_text())
+        if doc and doc["kind"] == "MutatingWebhookConfiguration"
+    )
+    (webhook,) = config["webhooks"]
+    webhook["clientConfig"] = {
+        "url": f"https://127.0.0.1:{port}/mutate",
+        "caBundle": base64.b64encode(ca_file.read_bytes()).decode(),
+    }
+    kube.plane.create_or_replace(config)
+    probe = trial_pod("webhook-probe")
+
+    def mutated() -> bool:
+        answer = kube.plane.request("POST", pods_path(NAMESPACE), probe, query={"dryRun": "All"})
+        return bool(dataset_volumes(answer))
+
+    wait_until(mutated, WAIT, "the API server to call the registered webhook")
+
+
+# --- pods as the API server stores them -----------------------------------------------------
+
+
+def pods_path(namespace: str) -> str:
+    return f"/api/v1/namespaces/{namespace}/pods"
+
+
+def trial_pod(name: str) -> dict[str, Any]:
+    """A trial pod as a sweep's template makes it (before admission)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "annotations": {"datacache.io/dataset": "default/sweep"}},
+        "spec": trial_spec(),
+    }
+
+
+def trial_spec() -> dict[str, Any]:
+    return {
+        "restartPolicy": "Never",
+        "containers": [
+            {
+                "name": "trial",
+                "image": "trainer",
+                "resources": {"requests": {"cpu": TRIAL_CPU}, "limits": {"cpu": TRIAL_CPU}},
+            }
+        ],
+    }
+
+
+def sweep_job(name: str, trials: int, affinity: str | None = None) -> dict[str, Any]:
+    """A sweep as a batch/v1 Job (what a Katib trial template expands to): the annotation on
+    the pod template is the demand and asks the webhook for the data."""
     annotations = {"datacache.io/dataset": "default/sweep"}
     if affinity is not None:
         annotations["datacache.io/affinity"] = affinity
     return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": name,
-            "namespace": "ml",
-            "labels": {"katib.kubeflow.org/experiment": "sweep", "katib.kubeflow.org/trial": name},
-            "annotations": annotations,
-        },
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "namespace": NAMESPACE},
         "spec": {
-            "restartPolicy": "Never",
-            "containers": [
-                {
-                    "name": "trial",
-                    "image": "trainer",
-                    "resources": {"requests": {"cpu": TRIAL_CPU}, "limits": {"cpu": TRIAL_CPU}},
-                }
-            ],
+            "parallelism": trials,
+            "completions": trials,
+            "backoffLimit": 0,
+            "template": {
+                "metadata": {
+                    "labels": {"katib.kubeflow.org/experiment": "sweep"},
+                    "annotations": annotations,
+                },
+                "spec": trial_spec(),
+            },
         },
-        "status": {"phase": "Pending"},
     }
 
 
@@ -94,46 +147,32 @@ def plain_pod(name: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": name, "namespace": "ml"},
+        "metadata": {"name": name},
         "spec": {"containers": [{"name": "main", "image": "jupyter"}]},
-        "status": {"phase": "Pending"},
     }
 
 
-def node_labels(fake: FakeKubeAPI) -> dict[str, dict[str, str]]:
-    """Every Node's labels, read in one go."""
-    return {
-        node["metadata"]["name"]: dict(node["metadata"].get("labels") or {})
-        for node in fake.list_objects("nodes")
-    }
+def list_pods(kube: KubeTest, job: str | None = None) -> dict[str, dict[str, Any]]:
+    query = {"labelSelector": f"{JOB_NAME_LABEL}={job}"} if job else None
+    items = kube.plane.request("GET", pods_path(NAMESPACE), query=query)["items"]
+    return {pod["metadata"]["name"]: pod for pod in items}
 
 
-def labelled(fake: FakeKubeAPI) -> set[str]:
-    return {node for node, labels in node_labels(fake).items() if labels.get(LABEL) == "ready"}
+def bound_to(pod: dict[str, Any]) -> str | None:
+    node = pod["spec"].get("nodeName")
+    return str(node) if node else None
 
 
-# --- node affinity, as the scheduler reads it --------------------------------------------------
-
-
-def expression_matches(expression: dict[str, Any], labels: dict[str, str]) -> bool:
-    key, operator = expression["key"], expression["operator"]
-    values = expression.get("values") or []
-    if operator == "In":
-        return key in labels and labels[key] in values
-    if operator == "NotIn":
-        return key not in labels or labels[key] not in values
-    if operator == "Exists":
-        return key in labels
-    if operator == "DoesNotExist":
-        return key not in labels
-    raise AssertionError(f"unexpected operator {operator!r} in {expression}")
-
-
-def term_matches(term: dict[str, Any], labels: dict[str, str]) -> bool:
-    """A nodeSelectorTerm: its requirements ANDed; an empty term matches no node."""
-    assert not term.get("matchFields"), term
-    expressions = term.get("matchExpressions") or []
-    return bool(expressions) and all(expression_matches(e, labels) for e in expressions)
+def unschedulable(pod: dict[str, Any]) -> str | None:
+    """The scheduler's message when it found no node for the pod (PodScheduled False)."""
+    for condition in pod["status"].get("conditions") or []:
+        if (
+            condition["type"] == "PodScheduled"
+            and condition["status"] == "False"
+            and condition.get("reason") == "Unschedulable"
+        ):
+            return str(condition.get("message", ""))
+    return None
 
 
 def node_affinity(pod: dict[str, Any]) -> dict[str, Any]:
@@ -141,153 +180,61 @@ def node_affinity(pod: dict[str, Any]) -> dict[str, Any]:
     return affinity
 
 
-def required_allows(pod: dict[str, Any], labels: dict[str, str]) -> bool:
-    """Whether the pod's required node affinity (ORed terms) lets it onto a node."""
-    required = node_affinity(pod).get(REQUIRED)
-    if required is None:
-        return True
-    return any(term_matches(term, labels) for term in required["nodeSelectorTerms"])
-
-
-def preference_score(pod: dict[str, Any], labels: dict[str, str]) -> int:
-    """The weights of the pod's preferred node affinity terms that a node matches."""
-    return sum(
-        int(p["weight"])
-        for p in node_affinity(pod).get(PREFERRED) or []
-        if term_matches(p["preference"], labels)
-    )
-
-
-def selected_nodes(pod: dict[str, Any], labels: dict[str, dict[str, str]]) -> set[str]:
-    """The nodes the pod's node affinity asks for: those its required terms allow, or (with
-    preferred affinity only) those its preferences favour."""
-    if REQUIRED in node_affinity(pod):
-        return {node for node, node_labels in labels.items() if required_allows(pod, node_labels)}
-    return {node for node, node_labels in labels.items() if preference_score(pod, node_labels)}
-
-
 def assert_mutated(pod: dict[str, Any], affinity: str) -> None:
-    """The webhook's additions: node affinity of the annotated kind and the read-only copy at
-    the documented mount path."""
-    kinds = set(node_affinity(pod))
+    """The webhook's additions as the API server stored them: node affinity of the annotated
+    kind on the dataset's label, and the read-only copy at the documented mount path."""
+    term = {"matchExpressions": [{"key": LABEL, "operator": "In", "values": ["ready"]}]}
     if affinity == "required":
-        assert kinds == {REQUIRED}, node_affinity(pod)
+        assert node_affinity(pod) == {REQUIRED: {"nodeSelectorTerms": [term]}}, pod
     else:
-        assert kinds == {PREFERRED}, node_affinity(pod)
-        (preference,) = node_affinity(pod)[PREFERRED]
-        assert preference["weight"] > 0
-    (volume,) = pod["spec"]["volumes"]
+        assert node_affinity(pod) == {PREFERRED: [{"weight": 100, "preference": term}]}, pod
+    (volume,) = dataset_volumes(pod)
     assert volume["hostPath"] == {"path": HOST_PATH, "type": "Directory"}
     (container,) = pod["spec"]["containers"]
-    assert container["volumeMounts"] == [
-        {"name": volume["name"], "mountPath": MOUNT_PATH, "readOnly": True}
-    ]
+    mounts = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    assert mounts == [{"name": volume["name"], "mountPath": MOUNT_PATH, "readOnly": True}]
 
 
-# --- the admission webhook, called as the API server calls it -------------------------------
+def dataset_volumes(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pod's hostPath volumes: the ServiceAccount admission plugin adds a projected token
+    volume (and its mount) to every pod before the webhook is called."""
+    return [v for v in pod["spec"].get("volumes") or [] if "hostPath" in v]
 
 
-class Webhook:
-    def __init__(self, port: int, ca_file: Path) -> None:
-        self.port = port
-        self._context = ssl.create_default_context(cafile=str(ca_file))
-
-    def serving(self) -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-        except OSError:
-            return False
-        return True
-
-    def review(self, pod: dict[str, Any]) -> dict[str, Any]:
-        """POSTs an AdmissionReview v1 for creating `pod`; returns its checked response."""
-        uid = str(uuid.uuid4())
-        gvk = {"group": "", "version": "v1", "kind": "Pod"}
-        gvr = {"group": "", "version": "v1", "resource": "pods"}
-        review = {
-            "apiVersion": "admission.k8s.io/v1",
-            "kind": "AdmissionReview",
-            "request": {
-                "uid": uid,
-                "kind": gvk,
-                "resource": gvr,
-                "requestKind": gvk,
-                "requestResource": gvr,
-                "name": pod["metadata"]["name"],
-                "namespace": pod["metadata"]["namespace"],
-                "operation": "CREATE",
-                "userInfo": {"username": "system:serviceaccount:kubeflow:katib-controller"},
-                "object": pod,
-                "oldObject": None,
-                "dryRun": False,
-                "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"},
-            },
-        }
-        connection = http.client.HTTPSConnection(
-            "127.0.0.1", self.port, context=self._context, timeout=10
-        )
-        try:
-            connection.request(
-                "POST",
-                "/mutate?timeout=5s",
-                json.dumps(review).encode(),
-                {"Content-Type": "application/json"},
-            )
-            reply = connection.getresponse()
-            answer = json.loads(reply.read())
-        finally:
-            connection.close()
-        assert reply.status == 200, answer
-        assert answer["apiVersion"] == "admission.k8s.io/v1", answer
-        assert answer["kind"] == "AdmissionReview", answer
-        response: dict[str, Any] = answer["response"]
-        assert response["uid"] == uid, response
-        return response
-
-    def admit(self, pod: dict[str, Any]) -> dict[str, Any]:
-        """The pod as the API server stores it: the review's JSON Patch applied."""
-        response = self.review(pod)
-        assert response["allowed"] is True, response
-        assert response["patchType"] == "JSONPatch", response
-        operations = json.loads(base64.b64decode(response["patch"]))
-        return dict(_apply_json_patch(copy.deepcopy(pod), operations))
+def labelled(kube: KubeTest, label: str = LABEL) -> set[str]:
+    """The Nodes whose labels say they hold a Ready copy."""
+    return {
+        node["metadata"]["name"]
+        for node in kube.plane.get("/api/v1/nodes")["items"]
+        if (node["metadata"].get("labels") or {}).get(label) == "ready"
+    }
 
 
-# --- the scheduler and the kubelets ---------------------------------------------------------
+def set_phase(kube: KubeTest, name: str, phase: str) -> None:
+    """Writes a pod's phase through the status subresource, as its kubelet would."""
+    kube.plane.patch(f"{pods_path(NAMESPACE)}/{name}/status", {"status": {"phase": phase}})
 
 
-def millicpu(quantity: str) -> int:
-    return int(quantity[:-1]) if quantity.endswith("m") else int(float(quantity) * 1000)
-
-
-def cpu_request(pod: dict[str, Any]) -> int:
-    return sum(
-        millicpu(str(((c.get("resources") or {}).get("requests") or {}).get("cpu", "0")))
-        for c in pod["spec"]["containers"]
-    )
+# --- the kubelets ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Binding:
     node: str
-    labels: dict[str, str]
-    """The node's labels when the pod was bound to it."""
+    labelled: bool
+    """Whether the node carried the dataset's label when the binding was first seen."""
     data_on_node: bool
     """Whether the pod's hostPath volumes existed on the node then."""
 
 
-class Kube:
-    """A minimal kube-scheduler and kubelets over the fake API server, one pass per `step`.
+class Kubelets:
+    """What the nodes' kubelets would do, the one part of a cluster nothing here runs: a pod
+    bound to a node starts (phase Running) once every hostPath volume of type Directory exists
+    on that node, as kubelet volume set-up waits for it; `node_root` maps the coordinator's
+    node cache directory to a local agent's. Each binding is recorded as first seen."""
 
-    The scheduler binds each unbound Pending pod of namespace ml to a node that passes its
-    required node affinity and has the CPU it requests left (best preferred-affinity score,
-    then name). A kubelet starts a bound pod (phase Running) once every hostPath volume of type
-    Directory exists on its node, as kubelet volume set-up waits for it; `node_root` maps the
-    coordinator's node cache directory to a local agent's. Binding patches spec.nodeName (the
-    fake API server checks no Pod fields; a real scheduler POSTs the pods/binding subresource)."""
-
-    def __init__(self, fake: FakeKubeAPI, v1: Any, node_root: Callable[[str], Path]) -> None:
-        self._fake, self._v1, self._node_root = fake, v1, node_root
+    def __init__(self, kube: KubeTest, node_root: Callable[[str], Path]) -> None:
+        self._kube, self._node_root = kube, node_root
         self.bindings: dict[str, Binding] = {}
 
     def host_path(self, node: str, path: str) -> Path:
@@ -301,42 +248,19 @@ class Kube:
         )
 
     def step(self) -> None:
-        labels = node_labels(self._fake)
-        free = {
-            node["metadata"]["name"]: millicpu(node["status"]["allocatable"]["cpu"])
-            for node in self._fake.list_objects("nodes")
-        }
-        pods = self._fake.list_objects("pods", namespace="ml")
-        for pod in pods:
-            if pod["spec"].get("nodeName") and pod["status"]["phase"] in ("Pending", "Running"):
-                free[pod["spec"]["nodeName"]] -= cpu_request(pod)
-        for pod in pods:
-            name = pod["metadata"]["name"]
-            if pod["spec"].get("nodeName") or pod["status"]["phase"] != "Pending":
+        pods = list_pods(self._kube)
+        holders = labelled(self._kube)
+        for name, pod in pods.items():
+            node = bound_to(pod)
+            if node is None:
                 continue
-            feasible = [
-                node
-                for node in labels
-                if free[node] >= cpu_request(pod) and required_allows(pod, labels[node])
-            ]
-            if not feasible:
-                continue
-            node = min(feasible, key=lambda n: (-preference_score(pod, labels[n]), n))
-            self._v1.patch_namespaced_pod(name, "ml", {"spec": {"nodeName": node}})
-            free[node] -= cpu_request(pod)
-            self.bindings[name] = Binding(node, labels[node], self.volumes_ready(pod, node))
-        for pod in self._fake.list_objects("pods", namespace="ml"):
-            node = pod["spec"].get("nodeName")
-            if node and pod["status"]["phase"] == "Pending" and self.volumes_ready(pod, node):
-                self._v1.patch_namespaced_pod(
-                    pod["metadata"]["name"], "ml", {"status": {"phase": "Running"}}
-                )
+            if name not in self.bindings:
+                self.bindings[name] = Binding(node, node in holders, self.volumes_ready(pod, node))
+            if pod["status"].get("phase") == "Pending" and self.volumes_ready(pod, node):
+                set_phase(self._kube, name, "Running")
 
-    def phases(self) -> dict[str, str]:
-        return {
-            pod["metadata"]["name"]: pod["status"]["phase"]
-            for pod in self._fake.list_objects("pods", namespace="ml")
-        }
+    def phases(self, job: str | None = None) -> dict[str, str]:
+        return {name: pod["status"]["phase"] for name, pod in list_pods(self._kube, job).items()}
 
 
 @contextlib.contextmanager
@@ -353,13 +277,15 @@ def frozen(cluster: LocalCluster, nodes: list[str]) -> Iterator[None]:
             os.kill(pid, signal.SIGCONT)
 
 
-def create_sweep_dataset(cluster: LocalCluster, replicas: int, max_replicas: int) -> None:
+def create_sweep_dataset(
+    cluster: LocalCluster, bucket: str, replicas: int, max_replicas: int
+) -> None:
     with cluster.channel() as channel:
         pb_grpc.DatasetServiceStub(channel).CreateDataset(
             pb.CreateDatasetRequest(
                 dataset=pb.Dataset(
                     name="sweep",
-                    source="s3://sweep/data/",
+                    source=f"s3://{bucket}/data/",
                     replicas=replicas,
                     max_replicas=max_replicas,
                 )
@@ -369,114 +295,142 @@ def create_sweep_dataset(cluster: LocalCluster, replicas: int, max_replicas: int
 
 
 def test_sweep_scales_replicas_up_and_back_down(
-    cluster: LocalCluster, kube_pods: tuple[FakeKubeAPI, Path], tmp_path: Path
+    cluster: LocalCluster, kube: KubeTest, bucket: str, tmp_path: Path
 ) -> None:
-    fake, kubeconfig = kube_pods
     for node in NODES:
-        fake.add_node(node)
-    expected = upload_dataset(cluster, "sweep", "data/")
+        kube.add_node(node, capacity={"cpu": NODE_CPU})
+    kube.plane.ensure_namespace(NAMESPACE)
+    expected = upload_dataset(cluster, bucket, "data/")
     ca = CertificateAuthority(tmp_path / "webhook-tls")
     tls = ca.issue("datacache-webhook", server=True)
-    webhook = Webhook(free_port(), ca.cert_file)
+    webhook_port = free_port()
     start(
         cluster,
         len(NODES),
         coordinator_flags=(
             "--labeler=kubernetes",
-            f"--kubeconfig={kubeconfig}",
+            f"--kubeconfig={coordinator_kubeconfig(kube)}",
             "--watch-pods",
             "--demand-cooldown-seconds=2",
-            f"--webhook-port={webhook.port}",
+            # Agents are frozen for a while below; they must not be taken for gone meanwhile.
+            "--lease-seconds=120",
+            f"--webhook-port={webhook_port}",
             f"--webhook-cert-file={tls.cert_file}",
             f"--webhook-key-file={tls.key_file}",
         ),
     )
-    wait_until(webhook.serving, 10, "the admission webhook")
-    create_sweep_dataset(cluster, replicas=1, max_replicas=4)
-    wait_until(lambda: len(ready_nodes(cluster, "sweep")) == 1, 60, "1 Ready replica")
+    create_sweep_dataset(cluster, bucket, replicas=1, max_replicas=4)
+    register_webhook(kube, webhook_port, ca.cert_file)
+    wait_until(lambda: len(ready_nodes(cluster, "sweep")) == 1, WAIT, "1 Ready replica")
     first = ready_nodes(cluster, "sweep")
-    wait_until(lambda: labelled(fake) == first, 20, "the label on the first replica's node")
+    (holder_node,) = first
+    wait_until(lambda: labelled(kube) == first, WAIT, "the label on the first replica's node")
 
-    # A pod without the annotation is admitted unchanged and is no demand.
-    response = webhook.review(plain_pod("notebook"))
-    assert response["allowed"] is True
-    assert "patch" not in response, response
-    fake.create_object("pods", plain_pod("notebook"), namespace="ml")
+    # A pod without the annotation gets no dataset volume or affinity, and is no demand (the
+    # demand of 8 below counts the trials only).
+    notebook = kube.plane.create(pods_path(NAMESPACE), plain_pod("notebook"))
+    assert not dataset_volumes(notebook) and "affinity" not in notebook["spec"], notebook
 
     # The agents of the other nodes are frozen until the trials have been admitted and
     # scheduled once, so that no second copy can exist yet and the test sees trials wait.
     others = [node for node in NODES if node not in first]
-    v1 = core_api(str(kubeconfig))
-    kube = Kube(fake, v1, cluster.cache_dir)
+    kubelets = Kubelets(kube, cluster.cache_dir)
     with frozen(cluster, others):
-        # The trials go through the webhook, then into the API server as it patched them.
-        # Their affinity selects exactly the nodes labelled as holding a Ready copy.
-        snapshot = node_labels(fake)
-        for name in TRIALS:
-            if name in PREFERRING:
-                pod = webhook.admit(trial_pod(name, affinity="preferred"))
-                assert_mutated(pod, "preferred")
-            else:
-                pod = webhook.admit(trial_pod(name))  # no datacache.io/affinity: required
-                assert_mutated(pod, "required")
-            assert selected_nodes(pod, snapshot) == first, (name, node_affinity(pod))
-            fake.create_object("pods", pod, namespace="ml")
+        # The Job controller makes the trials; the API server sends each through the webhook
+        # and stores it patched. No datacache.io/affinity annotation: required affinity.
+        kube.plane.create(
+            f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs", sweep_job("sweep", REQUIRED_TRIALS)
+        )
+
+        def first_wave_scheduled() -> bool:
+            trials = list_pods(kube, "sweep").values()
+            bound = [p for p in trials if bound_to(p)]
+            waiting = [p for p in trials if unschedulable(p) is not None]
+            return len(trials) == REQUIRED_TRIALS and len(bound) + len(waiting) == len(trials)
+
+        wait_until(first_wave_scheduled, WAIT, "the scheduler to try every required trial")
+        trials = list_pods(kube, "sweep")
+        for pod in trials.values():
+            assert_mutated(pod, "required")
+        # Two required trials fit on the first copy's node, which then has no CPU left; the
+        # others stay unbound, as no other node carries the label.
+        placed = [bound_to(p) for p in trials.values()]
+        assert placed.count(holder_node) == 2 and placed.count(None) == 4, placed
+        for pod in trials.values():
+            if not bound_to(pod):
+                message = unschedulable(pod) or ""
+                assert "3 node(s) didn't match Pod's node affinity/selector" in message, message
+                assert "1 Insufficient cpu" in message, message
+
+        # Trials that only prefer a copy go to other nodes while the holder is full, bound
+        # there but not started: their volume waits for a copy.
+        kube.plane.create(
+            f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs",
+            sweep_job("sweep-preferred", PREFERRED_TRIALS, affinity="preferred"),
+        )
+
+        def preferred_bound() -> bool:
+            trials = list_pods(kube, "sweep-preferred").values()
+            return len(trials) == PREFERRED_TRIALS and all(bound_to(p) for p in trials)
+
+        wait_until(preferred_bound, WAIT, "the scheduler to bind the preferring trials")
+        for pod in list_pods(kube, "sweep-preferred").values():
+            assert_mutated(pod, "preferred")
+            assert bound_to(pod) in others, pod["spec"]
 
         # Demand raises the target at once, before any new copy exists.
         def raised() -> bool:
             status = cluster.get_dataset("sweep").status
             return status.demand == 8 and status.target_replicas == 4
 
-        wait_until(raised, 20, "8 trials to raise the target to 4 replicas")
-        # The scheduler binds two required trials to the first copy's node, which then has no
-        # CPU left; the other required trials stay Pending, unbound, as no other node carries
-        # the label. The preferred trials go to another node, where their volume waits for a
-        # copy: bound, but not Running.
-        kube.step()
-        (holder_node,) = first
-        spare = min(others)
-        placed = {name: b.node for name, b in kube.bindings.items() if name in TRIALS}
-        assert placed == {
-            "trial-0": holder_node,
-            "trial-1": holder_node,
-            "trial-6": spare,
-            "trial-7": spare,
-        }, kube.bindings
-        phases = kube.phases()
-        assert {name for name in TRIALS if phases[name] == "Running"} == {"trial-0", "trial-1"}
+        wait_until(raised, WAIT, "8 trials to raise the target to 4 replicas")
+        kubelets.step()
+        running = {n for n, phase in kubelets.phases().items() if phase == "Running"}
+        assert running & set(trials) == {n for n, p in trials.items() if bound_to(p)}
+        assert not running & set(list_pods(kube, "sweep-preferred"))
+        assert labelled(kube) == first
 
     def all_running() -> bool:
-        kube.step()
-        return set(kube.phases().values()) == {"Running"}
+        kubelets.step()
+        phases = {**kubelets.phases("sweep"), **kubelets.phases("sweep-preferred")}
+        return len(phases) == 8 and set(phases.values()) == {"Running"}
 
-    wait_until(all_running, 90, "every trial pod bound and Running")
-    wait_until(lambda: len(ready_nodes(cluster, "sweep")) == 4, 20, "4 Ready replicas")
-    wait_until(lambda: labelled(fake) == set(NODES), 20, "labels on all 4 nodes")
+    wait_until(all_running, 2 * WAIT, "every trial pod bound and Running")
+    wait_until(lambda: len(ready_nodes(cluster, "sweep")) == 4, WAIT, "4 Ready replicas")
+    wait_until(lambda: labelled(kube) == set(NODES), WAIT, "labels on all 4 nodes")
     status = cluster.get_dataset("sweep").status
     assert status.demand == 8
     assert status.target_replicas == 4
     assert status.phase == "Ready"
 
-    # Required trials were bound only to labelled nodes, which already held the copy; every
-    # trial runs where its mount has the dataset, two per node (all four copies in use).
-    for name in TRIALS:
-        binding = kube.bindings[name]
-        if name not in PREFERRING:
-            assert binding.labels.get(LABEL) == "ready", (name, binding)
-            assert binding.data_on_node, (name, binding)
-    used = [kube.bindings[name].node for name in TRIALS]
-    assert sorted(used) == sorted(NODES * 2), used
+    # Required trials were bound only to labelled nodes, which held the copy; every trial
+    # runs where its mount has the dataset, two per node (all four copies in use).
+    trials = {**list_pods(kube, "sweep"), **list_pods(kube, "sweep-preferred")}
+    for name in list_pods(kube, "sweep"):
+        binding = kubelets.bindings[name]
+        assert binding.labelled, (name, binding)
+        assert binding.data_on_node, (name, binding)
+    used = [bound_to(pod) for pod in trials.values()]
+    assert sorted(n or "" for n in used) == sorted(NODES * 2), used
     for node in NODES:
-        assert tree_digests(kube.host_path(node, HOST_PATH)) == expected, node
-    # The stored trials' affinity now selects all four nodes, as all four carry the label.
-    stored = [fake.get_object("pods", name, namespace="ml") for name in TRIALS]
-    labels_now = node_labels(fake)
-    for trial in stored:
-        assert trial is not None
-        assert selected_nodes(trial, labels_now) == set(NODES), trial["metadata"]["name"]
+        assert tree_digests(kubelets.host_path(node, HOST_PATH)) == expected, node
 
-    for name in TRIALS:
-        v1.patch_namespaced_pod(name, "ml", {"status": {"phase": "Succeeded"}})
+    # The trials finish: their pods no longer count, and the Job controller counts them done.
+    for name in trials:
+        set_phase(kube, name, "Succeeded")
+
+    def succeeded(job: str) -> int:
+        answer = kube.plane.get(f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs/{job}")
+        return int(answer.get("status", {}).get("succeeded", 0))
+
+    wait_until(
+        lambda: (
+            (succeeded("sweep"), succeeded("sweep-preferred"))
+            == (REQUIRED_TRIALS, PREFERRED_TRIALS)
+        ),
+        WAIT,
+        "the Job controller to count the trials succeeded",
+    )
 
     def shrunk() -> bool:
         dataset = cluster.get_dataset("sweep")
@@ -487,15 +441,10 @@ def test_sweep_scales_replicas_up_and_back_down(
             and dataset.status.replicas[0].state == pb.REPLICA_STATE_READY
         )
 
-    wait_until(shrunk, 60, "the dataset back at 1 replica after the cool-down")
+    wait_until(shrunk, WAIT, "the dataset back at 1 replica after the cool-down")
     holder = ready_nodes(cluster, "sweep")
     assert len(holder) == 1
-    wait_until(lambda: labelled(fake) == holder, 20, "labels left on the remaining node only")
-    # The trials' affinity now selects the remaining copy only.
-    labels_now = node_labels(fake)
-    for trial in stored:
-        assert trial is not None
-        assert selected_nodes(trial, labels_now) == holder, trial["metadata"]["name"]
+    wait_until(lambda: labelled(kube) == holder, WAIT, "labels left on the remaining node only")
 
     def files_gone() -> bool:
         return all(
@@ -504,9 +453,23 @@ def test_sweep_scales_replicas_up_and_back_down(
             if node not in holder
         )
 
-    wait_until(files_gone, 30, "copies deleted from the other nodes")
+    wait_until(files_gone, WAIT, "copies deleted from the other nodes")
     (node,) = holder
     assert (cluster.cache_dir(node) / "datasets" / "default" / "sweep" / "current").exists()
+
+    # The next wave's trial gets the same affinity, which now selects the remaining copy only;
+    # one trial is no reason for another copy.
+    kube.plane.create(pods_path(NAMESPACE), trial_pod("next-wave"))
+
+    def next_wave_bound() -> str | None:
+        return bound_to(kube.plane.get(f"{pods_path(NAMESPACE)}/next-wave"))
+
+    wait_until(lambda: next_wave_bound() is not None, WAIT, "the next wave's trial bound")
+    assert next_wave_bound() == node
+    wait_until(
+        lambda: cluster.get_dataset("sweep").status.demand == 1, WAIT, "the next wave's demand"
+    )
+    assert cluster.get_dataset("sweep").status.target_replicas == 1
 
 
 def set_demand(channel: grpc.Channel, **fields: Any) -> pb.SetDemandResponse:
