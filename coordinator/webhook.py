@@ -88,6 +88,12 @@ def requested_datasets(pod: dict[str, Any], pod_namespace: str) -> tuple[list[st
     return names, affinity
 
 
+_STATUS_REASONS: dict[int, str] = {
+    HTTPStatus.BAD_REQUEST: "BadRequest",
+    HTTPStatus.FORBIDDEN: "Forbidden",
+}
+
+
 def decide(pod: dict[str, Any], pod_namespace: str, exists: Exists, cache_dir: str) -> Decision:
     try:
         names, affinity = requested_datasets(pod, pod_namespace)
@@ -102,7 +108,9 @@ def decide(pod: dict[str, Any], pod_namespace: str, exists: Exists, cache_dir: s
             [],
             f"datacache: dataset {', '.join(missing)} does not exist: create it "
             f"(datacache dataset create) or remove the {DATASET_ANNOTATION} annotation",
-            HTTPStatus.NOT_FOUND,
+            # The API server answers the pod's create with this code: 404 would read as a
+            # missing namespace or pod, so a refusal is Forbidden, as admission refusals are.
+            HTTPStatus.FORBIDDEN,
         )
     mounts = [
         DatasetMount(
@@ -143,7 +151,12 @@ def admit(review: Any, exists: Exists, cache_dir: str) -> dict[str, Any]:
         decision = decide(pod, namespace, exists, cache_dir)
         response["allowed"] = decision.allowed
         if not decision.allowed:
-            response["status"] = {"code": decision.code, "message": decision.message}
+            # The reason is what kubectl names the refusal by ("Error from server (Forbidden)").
+            response["status"] = {
+                "code": decision.code,
+                "reason": _STATUS_REASONS.get(decision.code, ""),
+                "message": decision.message,
+            }
         elif decision.patch:
             response["patchType"] = "JSONPatch"
             response["patch"] = base64.b64encode(json.dumps(decision.patch).encode()).decode()
@@ -231,28 +244,37 @@ def _handler(exists: Exists, cache_dir: str) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("webhook: " + format, *args)
 
-        def _send(self, status: int, body: dict[str, Any]) -> None:
+        def _send(self, status: int, body: dict[str, Any], *, close: bool = False) -> None:
+            """`close`: the request body was not read, so the connection cannot carry another
+            request (its unread bytes would be parsed as one)."""
             data = json.dumps(body).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            if close:
+                self.send_header("Connection", "close")
+                self.close_connection = True
             self.end_headers()
             self.wfile.write(data)
 
         def do_POST(self) -> None:
             if self.path.split("?", 1)[0] != PATH:
-                self._send(HTTPStatus.NOT_FOUND, {"error": f"only POST {PATH} is served"})
+                self._send(
+                    HTTPStatus.NOT_FOUND, {"error": f"only POST {PATH} is served"}, close=True
+                )
                 return
             try:
                 length = int(self.headers.get("Content-Length", ""))
             except ValueError:
-                self._send(HTTPStatus.LENGTH_REQUIRED, {"error": "Content-Length is required"})
+                self._send(
+                    HTTPStatus.LENGTH_REQUIRED, {"error": "Content-Length is required"}, close=True
+                )
                 return
             if not 0 < length <= MAX_BODY_BYTES:
-                self.close_connection = True
                 self._send(
                     HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                     {"error": f"body must be 1-{MAX_BODY_BYTES} bytes"},
+                    close=True,
                 )
                 return
             try:
