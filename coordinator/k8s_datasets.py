@@ -147,6 +147,9 @@ class DatasetController:
         self._lock = threading.Lock()
         self._known: set[str] = set()
         self._cr_watch: Any = None
+        # The CR watch resumes from here, also after a watch cut mid-stream (a dropped
+        # connection, an API server restart); None: list first.
+        self._cr_version: str | None = None
         self._dataset_stream: Any = None
         self._failures: dict[str, Backoff] = {}
         self._threads: list[threading.Thread] = []
@@ -199,39 +202,42 @@ class DatasetController:
 
     def _watch_crs(self) -> None:
         backoff = Backoff(self._settings.backoff)
-        version: str | None = None
         list_func, args = self._list_call()
         while not self._stopping.is_set():
             try:
-                if version is None:
+                if self._cr_version is None:
                     listed = list_func(*args)
                     keys = {_key(item) for item in listed.get("items") or []}
                     with self._lock:
                         self._known = keys
                     for key in keys:
                         self.enqueue(key)
-                    version = str(listed["metadata"]["resourceVersion"])
-                version = self._stream_crs(list_func, args, version)
+                    self._cr_version = str(listed["metadata"]["resourceVersion"])
+                self._stream_crs(list_func, args, self._cr_version)
                 backoff.reset()
             except ApiException as exc:
                 if exc.status == _GONE:
-                    version = None
+                    log.info("Dataset CR watch expired (410); listing again")
+                    self._cr_version = None
                     continue
                 delay = backoff.next_delay()
                 log.warning("Dataset CR watch failed (%s); retrying in %.1fs", exc.status, delay)
                 self._stopping.wait(delay)
             except Exception as exc:
+                if self._stopping.is_set():
+                    # stop() cut the connection under the watch: not a failure.
+                    return
                 delay = backoff.next_delay()
                 log.warning("Dataset CR watch failed (%r); retrying in %.1fs", exc, delay)
                 self._stopping.wait(delay)
 
     def _stream_crs(
         self, list_func: Callable[..., Any], args: tuple[Any, ...], version: str
-    ) -> str:
+    ) -> None:
         watcher = k8s_watch.Watch()  # type: ignore[no-untyped-call]
         with self._lock:
             if self._stopping.is_set():
-                return version
+                return
             self._cr_watch = watcher
         try:
             for event in watcher.stream(  # type: ignore[no-untyped-call]
@@ -242,6 +248,7 @@ class DatasetController:
             ):
                 obj = event.get("raw_object") or {}
                 version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
+                self._cr_version = version
                 if event.get("type") not in ("ADDED", "MODIFIED", "DELETED"):
                     continue
                 key = _key(obj)
@@ -255,7 +262,6 @@ class DatasetController:
         finally:
             with self._lock:
                 self._cr_watch = None
-        return version
 
     # ------------------------------------------------------------------ coordinator watch
 

@@ -1,17 +1,23 @@
-"""Dataset custom resources <-> the coordinator: the pure translation, the fake API server
-serving the CRD from manifests/crd-dataset.yaml, and the controller end to end against a real
-coordinator process (labelling fake Node objects), real agents and real S3."""
+"""Dataset custom resources <-> the coordinator: the pure translation, the real API server
+serving the CRD from manifests/crd-dataset.yaml, and the controller end to end (with the
+coordinator's ServiceAccount token, so its RBAC is exercised) against a real coordinator
+process labelling real Node objects, real agents and real S3; Datasets made, changed and
+deleted with kubectl keep reaching the coordinator across a kube-apiserver restart."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import grpc
 import pytest
 import yaml
+from google.protobuf import field_mask_pb2
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
@@ -27,15 +33,17 @@ from coordinator.k8s_dataset_sync import (
 )
 from coordinator.k8s_datasets import DatasetController, DatasetControllerSettings, WorkQueue
 from coordinator.k8s_labeler import api_client
-from datacache.localcluster import LocalCluster, wait_until
+from datacache.localcluster import LocalCluster, free_port, wait_until
 from datacache.v1 import datacache_pb2 as pb
-from tests.fakekube import FakeKubeAPI, custom_resource
+from datacache.v1 import datacache_pb2_grpc as pb_grpc
+from tests.conftest import kubectl
+from tests.faultproxy import Fault, Rule
+from tests.kubecontrolplane import KubeAPIError, KubeTest
 from tests.test_e2e import dataset_gone, start, upload_dataset
 
-CRD_PATH = Path(__file__).resolve().parent.parent / "manifests" / "crd-dataset.yaml"
-CRD = yaml.safe_load(CRD_PATH.read_text())
-DATASETS = custom_resource(CRD)
 GROUP, VERSION, PLURAL = "datacache.io", "v1alpha1", "datasets"
+COORDINATOR_SA = ("datacache", "datacache-coordinator")
+WAIT = 60.0
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
@@ -149,13 +157,6 @@ def test_work_queue_deduplicates_and_keeps_the_earliest_time() -> None:
 # --------------------------------------------------------------------------- the CRD as served
 
 
-@pytest.fixture
-def fake(tmp_path: Path) -> Iterator[tuple[FakeKubeAPI, Path]]:
-    with FakeKubeAPI(resources=[DATASETS]) as server:
-        yield server, server.write_kubeconfig(tmp_path / "kubeconfig")
-        assert not server.server_errors, server.server_errors
-
-
 def cr(name: str, spec: dict[str, Any], namespace: str = "ml") -> dict[str, Any]:
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
@@ -165,26 +166,64 @@ def cr(name: str, spec: dict[str, Any], namespace: str = "ml") -> dict[str, Any]
     }
 
 
-def test_served_crd_validates_prunes_and_counts_generations(
-    fake: tuple[FakeKubeAPI, Path],
-) -> None:
-    server, kubeconfig = fake
-    api: Any = k8s.CustomObjectsApi(api_client(str(kubeconfig)))
+def cr_path(name: str, namespace: str = "ml") -> str:
+    return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}"
+
+
+def get_cr(kube: KubeTest, name: str) -> dict[str, Any] | None:
+    try:
+        return dict(kube.plane.get(cr_path(name)))
+    except KubeAPIError as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+@contextlib.contextmanager
+def custom_api(kubeconfig: Path) -> Iterator[Any]:
+    """A CustomObjectsApi, closed afterwards: its pooled connections would otherwise outlive
+    the test (some to an API server since restarted) and be garbage collected unclosed."""
+    api = k8s.CustomObjectsApi(api_client(str(kubeconfig)))
+    try:
+        yield api
+    finally:
+        api.api_client.close()
+
+
+@pytest.fixture
+def admin(kube: KubeTest) -> Iterator[Any]:
+    """A user's client (the cluster admin), for the Datasets the tests make."""
+    with custom_api(kube.kubeconfig) as api:
+        yield api
+
+
+def test_served_crd_validates_prunes_and_counts_generations(kube: KubeTest, admin: Any) -> None:
+    kube.plane.ensure_namespace("ml")
     with pytest.raises(ApiException) as bad:
-        api.create_namespaced_custom_object(
+        admin.create_namespaced_custom_object(
             GROUP, VERSION, "ml", PLURAL, cr("bad", {"source": "ftp://x/", "replicas": 0})
         )
     assert bad.value.status == 422
     assert "spec.replicas" in str(bad.value.body) and "spec.source" in str(bad.value.body)
+    # The schema's CEL rules are enforced too.
+    with pytest.raises(ApiException) as both:
+        admin.create_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            "ml",
+            PLURAL,
+            cr("both", {"source": "s3://b/", "all": True, "replicas": 1}),
+        )
+    assert both.value.status == 422 and "not both" in str(both.value.body)
 
-    made = api.create_namespaced_custom_object(
+    made = admin.create_namespaced_custom_object(
         GROUP, VERSION, "ml", PLURAL, cr("ok", {"source": "s3://b/", "replicas": 1, "junk": 1})
     )
     assert "junk" not in made["spec"]
     assert made["metadata"]["generation"] == 1
     # Strategic merge patch does not exist for custom resources.
     with pytest.raises(ApiException) as smp:
-        api.patch_namespaced_custom_object(
+        admin.patch_namespaced_custom_object(
             GROUP,
             VERSION,
             "ml",
@@ -194,25 +233,75 @@ def test_served_crd_validates_prunes_and_counts_generations(
             _content_type="application/strategic-merge-patch+json",
         )
     assert smp.value.status == 415
-    patched = api.patch_namespaced_custom_object(
+    patched = admin.patch_namespaced_custom_object(
         GROUP, VERSION, "ml", PLURAL, "ok", {"spec": {"replicas": 2}}
     )
     assert patched["metadata"]["generation"] == 2
     # Status writes do not bump the generation, and spec writes keep the status.
     body = {**patched, "status": {"phase": "Ready"}}
-    written: dict[str, Any] = api.replace_namespaced_custom_object_status(
+    written: dict[str, Any] = admin.replace_namespaced_custom_object_status(
         GROUP, VERSION, "ml", PLURAL, "ok", body
     )
     assert written["metadata"]["generation"] == 2 and written["status"] == {"phase": "Ready"}
+    respecced = admin.patch_namespaced_custom_object(
+        GROUP, VERSION, "ml", PLURAL, "ok", {"spec": {"replicas": 3}, "status": {"phase": "x"}}
+    )
+    assert respecced["metadata"]["generation"] == 3
+    assert respecced["status"] == {"phase": "Ready"}
     # Updates must carry a resourceVersion.
-    unconditional = dict(written)
+    unconditional = dict(respecced)
     unconditional["metadata"] = {
-        k: v for k, v in written["metadata"].items() if k != "resourceVersion"
+        k: v for k, v in respecced["metadata"].items() if k != "resourceVersion"
     }
     with pytest.raises(ApiException) as rv:
-        api.replace_namespaced_custom_object(GROUP, VERSION, "ml", PLURAL, "ok", unconditional)
+        admin.replace_namespaced_custom_object(GROUP, VERSION, "ml", PLURAL, "ok", unconditional)
     assert rv.value.status == 422
-    assert server.get_object("datasets", "ok", "ml") is not None
+    # A stale one conflicts.
+    stale = {**written, "spec": {"source": "s3://b/", "replicas": 4}}
+    with pytest.raises(ApiException) as conflict:
+        admin.replace_namespaced_custom_object(GROUP, VERSION, "ml", PLURAL, "ok", stale)
+    assert conflict.value.status == 409
+    assert get_cr(kube, "ok") is not None
+
+
+def watch_versions(kube: KubeTest) -> list[str]:
+    """The resourceVersion each watch request through the proxy started from, in order."""
+    return [
+        parse_qs(urlsplit(r.path).query)["resourceVersion"][0]
+        for r in kube.proxy.requests
+        if "watch=true" in r.path
+    ]
+
+
+def test_a_cr_watch_cut_mid_stream_resumes_after_its_last_event(kube: KubeTest, admin: Any) -> None:
+    kube.plane.ensure_namespace("ml")
+    spec = {"source": "s3://b/", "replicas": 1}
+    admin.create_namespaced_custom_object(GROUP, VERSION, "ml", PLURAL, cr("a", spec))
+    one_event = len(json.dumps({"type": "ADDED", "object": get_cr(kube, "a")}))
+    # The first watch is cut (RST) partway through its second event or so.
+    cut = Rule(Fault("reset", after_bytes=one_event * 3 // 2), path_contains="watch=true", limit=1)
+    kube.proxy.set_rules([cut])
+    proxied = kube.proxied_kubeconfig(kube.token(*COORDINATOR_SA), "coordinator")
+    settings = DatasetControllerSettings(
+        resync_seconds=3600, backoff=BackoffSettings(initial_seconds=0.05, max_seconds=0.5)
+    )
+    # Only the CR watch matters here: no coordinator answers (its calls are retried).
+    with (
+        custom_api(proxied) as custom,
+        grpc.insecure_channel(f"127.0.0.1:{free_port()}") as channel,
+    ):
+        controller = DatasetController(custom, channel, settings)
+        controller.start()
+        try:
+            wait_until(lambda: len(watch_versions(kube)) == 1, WAIT, "the first watch")
+            for name in ("b", "c", "d"):
+                admin.create_namespaced_custom_object(GROUP, VERSION, "ml", PLURAL, cr(name, spec))
+            wait_until(lambda: len(watch_versions(kube)) == 2, WAIT, "the watch to resume")
+        finally:
+            controller.stop()
+    assert cut.matched == 1
+    listed, resumed = watch_versions(kube)
+    assert int(resumed) > int(listed)
 
 
 # --------------------------------------------------------------------------- end to end
@@ -221,96 +310,64 @@ NODES = ["node-1", "node-2"]
 LABEL = "dataset.datacache.io/ml.photos"
 
 
-@pytest.fixture
-def controlled(
-    cluster: LocalCluster, fake: tuple[FakeKubeAPI, Path]
-) -> Iterator[tuple[FakeKubeAPI, Any, DatasetController]]:
-    server, kubeconfig = fake
-    for node in NODES:
-        server.add_node(node, labels={"team": "ml"})
-    upload_dataset(cluster, "crd-photos", "photos/")
-    start(
-        cluster,
-        len(NODES),
-        coordinator_flags=("--labeler=kubernetes", f"--kubeconfig={kubeconfig}"),
-    )
-    api: Any = k8s.CustomObjectsApi(api_client(str(kubeconfig)))
-    with cluster.channel() as channel:
-        controller = DatasetController(
-            api,
-            channel,
-            DatasetControllerSettings(
-                resync_seconds=2,
-                deletion_poll_seconds=0.5,
-                backoff=BackoffSettings(initial_seconds=0.05, max_seconds=0.5),
-            ),
-        )
+def coordinator_kubeconfig(kube: KubeTest) -> Path:
+    """The coordinator's ServiceAccount token, straight to the API server."""
+    return kube.token_kubeconfig(kube.token(*COORDINATOR_SA), "coordinator")
+
+
+@contextlib.contextmanager
+def controller_running(
+    cluster: LocalCluster, kubeconfig: Path, settings: DatasetControllerSettings
+) -> Iterator[DatasetController]:
+    with custom_api(kubeconfig) as api, cluster.channel() as channel:
+        controller = DatasetController(api, channel, settings)
         controller.start()
         try:
-            yield server, api, controller
+            yield controller
         finally:
             controller.stop()
 
 
-def status(server: FakeKubeAPI, name: str = "photos") -> dict[str, Any]:
-    obj = server.get_object("datasets", name, "ml")
+def start_coordinator(cluster: LocalCluster, kube: KubeTest) -> None:
+    """A coordinator process labelling the Nodes with its ServiceAccount token (the admission
+    policy lets only that identity write dataset labels), and one agent per node."""
+    start(
+        cluster,
+        len(NODES),
+        coordinator_flags=("--labeler=kubernetes", f"--kubeconfig={coordinator_kubeconfig(kube)}"),
+    )
+
+
+@pytest.fixture
+def controlled(cluster: LocalCluster, kube: KubeTest) -> Iterator[DatasetController]:
+    """The controller with the coordinator's token through the fault proxy (so a test can
+    make status writes conflict)."""
+    kube.plane.ensure_namespace("ml")
+    for node in NODES:
+        kube.add_node(node, labels={"team": "ml"})
+    upload_dataset(cluster, "crd-photos", "photos/")
+    start_coordinator(cluster, kube)
+    settings = DatasetControllerSettings(
+        resync_seconds=2,
+        deletion_poll_seconds=0.5,
+        backoff=BackoffSettings(initial_seconds=0.05, max_seconds=0.5),
+    )
+    proxied = kube.proxied_kubeconfig(kube.token(*COORDINATOR_SA), "coordinator")
+    with controller_running(cluster, proxied, settings) as controller:
+        yield controller
+
+
+def status(kube: KubeTest, name: str = "photos") -> dict[str, Any]:
+    obj = get_cr(kube, name)
     return {} if obj is None else dict(obj.get("status") or {})
 
 
-def labelled(server: FakeKubeAPI) -> set[str]:
-    found = set()
-    for node in NODES:
-        obj = server.get_node(node)
-        if obj is not None and obj["metadata"].get("labels", {}).get(LABEL) == "ready":
-            found.add(node)
-    return found
+def labelled(kube: KubeTest) -> set[str]:
+    return {node for node in NODES if kube.node_labels(node).get(LABEL) == "ready"}
 
 
-def test_crd_create_scale_status_and_ordered_delete(
-    cluster: LocalCluster, controlled: tuple[FakeKubeAPI, Any, DatasetController]
-) -> None:
-    server, api, _ = controlled
-    api.create_namespaced_custom_object(
-        GROUP,
-        VERSION,
-        "ml",
-        PLURAL,
-        cr("photos", {"source": "s3://crd-photos/photos/", "replicas": 1}),
-    )
-    wait_until(lambda: not dataset_gone(cluster, "ml/photos"), 20, "the dataset to be created")
-    obj = server.get_object("datasets", "photos", "ml")
-    assert obj is not None and FINALIZER in obj["metadata"]["finalizers"]
-
-    wait_until(lambda: status(server).get("phase") == "Ready", 60, "status Ready")
-    first = status(server)
-    assert first["readyReplicas"] == 1
-    assert first["version"].startswith("sha256:")
-    assert [r["state"] for r in first["replicas"]] == ["Ready"]
-    assert first["replicas"][0]["progress"] == "100%"
-    assert first["observedGeneration"] == 1
-    wait_until(lambda: len(labelled(server)) == 1, 20, "one labelled node")
-
-    api.patch_namespaced_custom_object(
-        GROUP, VERSION, "ml", PLURAL, "photos", {"spec": {"replicas": 2}}
-    )
-    wait_until(lambda: cluster.get_dataset("ml/photos").replicas == 2, 20, "scaled dataset")
-    wait_until(
-        lambda: (
-            status(server).get("readyReplicas") == 2
-            and status(server).get("observedGeneration") == 2
-        ),
-        60,
-        "two ready replicas in the status",
-    )
-    assert status(server)["replicasSummary"] == "2/2"
-    wait_until(lambda: labelled(server) == set(NODES), 20, "both nodes labelled")
-
-    # A change made behind the CR's back is reverted: the CR owns its dataset.
+def scale_behind_the_crs_back(cluster: LocalCluster) -> None:
     with cluster.channel() as channel:
-        from google.protobuf import field_mask_pb2
-
-        from datacache.v1 import datacache_pb2_grpc as pb_grpc
-
         pb_grpc.DatasetServiceStub(channel).UpdateDataset(
             pb.UpdateDatasetRequest(
                 dataset=pb.Dataset(name="ml/photos", replicas=1),
@@ -318,73 +375,174 @@ def test_crd_create_scale_status_and_ordered_delete(
             ),
             timeout=10,
         )
-    wait_until(lambda: cluster.get_dataset("ml/photos").replicas == 2, 20, "the CR's count back")
 
-    server.delete_object("datasets", "photos", "ml")
+
+def test_crd_create_scale_status_and_ordered_delete(
+    cluster: LocalCluster, kube: KubeTest, controlled: DatasetController, admin: Any
+) -> None:
+    admin.create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        "ml",
+        PLURAL,
+        cr("photos", {"source": "s3://crd-photos/photos/", "replicas": 1}),
+    )
+    wait_until(lambda: not dataset_gone(cluster, "ml/photos"), WAIT, "the dataset to be created")
+    wait_until(
+        lambda: FINALIZER in ((get_cr(kube, "photos") or {})["metadata"].get("finalizers") or []),
+        WAIT,
+        "the finalizer",
+    )
+
+    wait_until(lambda: status(kube).get("phase") == "Ready", WAIT, "status Ready")
+    first = status(kube)
+    assert first["readyReplicas"] == 1
+    assert first["version"].startswith("sha256:")
+    assert [r["state"] for r in first["replicas"]] == ["Ready"]
+    assert first["replicas"][0]["progress"] == "100%"
+    assert first["observedGeneration"] == 1
+    wait_until(lambda: len(labelled(kube)) == 1, WAIT, "one labelled node")
+
+    admin.patch_namespaced_custom_object(
+        GROUP, VERSION, "ml", PLURAL, "photos", {"spec": {"replicas": 2}}
+    )
+    wait_until(lambda: cluster.get_dataset("ml/photos").replicas == 2, WAIT, "scaled dataset")
+    wait_until(
+        lambda: (
+            status(kube).get("readyReplicas") == 2 and status(kube).get("observedGeneration") == 2
+        ),
+        WAIT,
+        "two ready replicas in the status",
+    )
+    assert status(kube)["replicasSummary"] == "2/2"
+    wait_until(lambda: labelled(kube) == set(NODES), WAIT, "both nodes labelled")
+
+    # A change made behind the CR's back is reverted: the CR owns its dataset.
+    scale_behind_the_crs_back(cluster)
+    wait_until(lambda: cluster.get_dataset("ml/photos").replicas == 2, WAIT, "the CR's count back")
+
+    admin.delete_namespaced_custom_object(GROUP, VERSION, "ml", PLURAL, "photos")
     # Held by the finalizer until the coordinator has deleted the dataset, labels first.
-    held = server.get_object("datasets", "photos", "ml")
+    held = get_cr(kube, "photos")
     assert held is not None and held["metadata"].get("deletionTimestamp")
-    wait_until(lambda: server.get_object("datasets", "photos", "ml") is None, 60, "CR removed")
+    wait_until(lambda: get_cr(kube, "photos") is None, WAIT, "CR removed")
     assert dataset_gone(cluster, "ml/photos")
-    assert labelled(server) == set()
+    assert labelled(kube) == set()
 
 
 def test_rejected_spec_and_status_conflicts(
-    cluster: LocalCluster, controlled: tuple[FakeKubeAPI, Any, DatasetController]
+    cluster: LocalCluster, kube: KubeTest, controlled: DatasetController, admin: Any
 ) -> None:
-    server, api, _ = controlled
     # Valid for the schema, refused by the coordinator: reported on the CR, nothing created.
-    api.create_namespaced_custom_object(
+    admin.create_namespaced_custom_object(
         GROUP, VERSION, "ml", PLURAL, cr("bad", {"source": "nfs://server/", "replicas": 1})
     )
 
     def synced(name: str) -> dict[str, Any]:
         return next(
-            (c for c in status(server, name).get("conditions", []) if c["type"] == "Synced"), {}
+            (c for c in status(kube, name).get("conditions", []) if c["type"] == "Synced"), {}
         )
 
-    wait_until(lambda: synced("bad").get("status") == "False", 20, "a Synced=False condition")
+    wait_until(lambda: synced("bad").get("status") == "False", WAIT, "a Synced=False condition")
     assert "INVALID_ARGUMENT" in synced("bad")["message"]
     assert dataset_gone(cluster, "ml/bad")
 
     # Status writes that hit 409 are re-read and retried.
-    api.create_namespaced_custom_object(
+    conflicts = Rule(
+        Fault("answer", status=409), method="PUT", path_contains="/datasets/ok/status", limit=3
+    )
+    kube.proxy.set_rules([conflicts])
+    admin.create_namespaced_custom_object(
         GROUP, VERSION, "ml", PLURAL, cr("ok", {"source": "s3://crd-photos/photos/", "replicas": 1})
     )
-    server.inject_conflicts("datasets", name="ok", namespace="ml", count=3)
-    wait_until(lambda: status(server, "ok").get("phase") == "Ready", 60, "status despite 409s")
+    wait_until(lambda: status(kube, "ok").get("phase") == "Ready", WAIT, "status despite 409s")
+    assert conflicts.matched == 3
 
     # Deleting a CR whose dataset never existed just removes the finalizer.
-    server.delete_object("datasets", "bad", "ml")
-    wait_until(lambda: server.get_object("datasets", "bad", "ml") is None, 20, "bad CR removed")
+    admin.delete_namespaced_custom_object(GROUP, VERSION, "ml", PLURAL, "bad")
+    wait_until(lambda: get_cr(kube, "bad") is None, WAIT, "bad CR removed")
     with pytest.raises(grpc.RpcError):
         cluster.get_dataset("ml/bad")
 
 
 def test_interval_refresh_starts_a_new_revision(
-    cluster: LocalCluster, controlled: tuple[FakeKubeAPI, Any, DatasetController]
+    cluster: LocalCluster, kube: KubeTest, controlled: DatasetController, admin: Any
 ) -> None:
-    server, api, _ = controlled
     spec = {"source": "s3://crd-photos/photos/", "replicas": 1, "refreshPolicy": {"interval": "1h"}}
-    api.create_namespaced_custom_object(GROUP, VERSION, "ml", PLURAL, cr("fresh", spec))
-    wait_until(lambda: status(server, "fresh").get("revision", 0) >= 1, 30, "a first revision")
+    admin.create_namespaced_custom_object(GROUP, VERSION, "ml", PLURAL, cr("fresh", spec))
+    wait_until(lambda: status(kube, "fresh").get("revision", 0) >= 1, WAIT, "a first revision")
     first = cluster.get_dataset("ml/fresh").revision
-    assert "lastRefreshTime" not in status(server, "fresh")  # created just now: not due
+    assert "lastRefreshTime" not in status(kube, "fresh")  # created just now: not due
 
-    # The last refresh was two hours ago: due now.
-    obj = server.get_object("datasets", "fresh", "ml")
-    assert obj is not None
-    obj["status"]["lastRefreshTime"] = (datetime.now(UTC) - timedelta(hours=2)).strftime(
-        "%Y-%m-%dT%H:%M:%SZ"
-    )
-    api.replace_namespaced_custom_object_status(GROUP, VERSION, "ml", PLURAL, "fresh", obj)
-    wait_until(lambda: cluster.get_dataset("ml/fresh").revision == first + 1, 30, "a refresh")
+    # The last refresh was two hours ago: due now. A merge patch of the status subresource
+    # needs no resourceVersion, so it cannot lose a race with the controller's own writes.
+    two_hours_ago = (datetime.now(UTC) - timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    kube.plane.patch(f"{cr_path('fresh')}/status", {"status": {"lastRefreshTime": two_hours_ago}})
+    wait_until(lambda: cluster.get_dataset("ml/fresh").revision == first + 1, WAIT, "a refresh")
 
     def recorded_recently() -> bool:
-        text = status(server, "fresh").get("lastRefreshTime", "")
+        text = status(kube, "fresh").get("lastRefreshTime", "")
         recorded = datetime.fromisoformat(text.replace("Z", "+00:00"))
         return datetime.now(UTC) - recorded < timedelta(minutes=1)
 
-    wait_until(recorded_recently, 10, "the refresh time recorded in the status")
+    wait_until(recorded_recently, WAIT, "the refresh time recorded in the status")
     # Only once: the next is an hour away.
     assert cluster.get_dataset("ml/fresh").revision == first + 1
+
+
+def test_kubectl_datasets_reach_the_coordinator_across_an_api_server_restart(
+    cluster: LocalCluster, kube: KubeTest
+) -> None:
+    kube.plane.ensure_namespace("ml")
+    kube.add_node("node-1", labels={"team": "ml"})
+    kube.add_node("node-2")
+    upload_dataset(cluster, "crd-photos", "photos/")
+    start_coordinator(cluster, kube)
+    # No periodic resync within the test: only the watches can bring a change.
+    settings = DatasetControllerSettings(
+        resync_seconds=3600,
+        deletion_poll_seconds=0.5,
+        backoff=BackoffSettings(initial_seconds=0.05, max_seconds=1.0),
+    )
+    spec = {"source": "s3://crd-photos/photos/", "replicas": 1, "nodeSelector": {"team": "ml"}}
+    with controller_running(cluster, coordinator_kubeconfig(kube), settings):
+        kubectl(kube.kubeconfig, "apply", "-f", "-", input=yaml.safe_dump(cr("photos", spec)))
+        wait_until(lambda: status(kube).get("phase") == "Ready", WAIT, "status Ready")
+        wait_until(lambda: labelled(kube) == {"node-1"}, WAIT, "node-1 labelled")
+        assert status(kube)["replicasSummary"] == "1/1"
+
+        kube.plane.restart_apiserver()
+
+        # Seen only through the coordinator's Node watch: node-2 now matches the selector.
+        kube.plane.patch("/api/v1/nodes/node-2", {"metadata": {"labels": {"team": "ml"}}})
+        # Seen only through the controller's Dataset watch.
+        kubectl(
+            kube.kubeconfig,
+            "patch",
+            "dataset",
+            "photos",
+            "-n",
+            "ml",
+            "--type=merge",
+            "-p",
+            json.dumps({"spec": {"replicas": 2}}),
+        )
+        wait_until(
+            lambda: cluster.get_dataset("ml/photos").replicas == 2, WAIT, "the change to arrive"
+        )
+        wait_until(
+            lambda: (
+                status(kube).get("readyReplicas") == 2
+                and status(kube).get("observedGeneration") == 2
+            ),
+            WAIT,
+            "the status written after the restart",
+        )
+        wait_until(lambda: labelled(kube) == set(NODES), WAIT, "node-2 labelled")
+        shown = kubectl(kube.kubeconfig, "get", "dataset", "photos", "-n", "ml").stdout
+        assert shown.split("\n")[1].split()[2:4] == ["2/2", "Ready"], shown
+
+        kubectl(kube.kubeconfig, "delete", "dataset", "photos", "-n", "ml", "--wait=false")
+        wait_until(lambda: get_cr(kube, "photos") is None, WAIT, "the CR removed")
+        assert dataset_gone(cluster, "ml/photos")
+        assert labelled(kube) == set()

@@ -1,9 +1,11 @@
-"""Events on Node objects in the fake API server: fixed reasons, reporting controller, folding
-of repeats into a count, per-node rate limiting, and never raising."""
+"""Events on Node objects in a real API server, written with the coordinator's own
+ServiceAccount token (so its RBAC is proved enough): fixed reasons, reporting controller,
+folding of repeats into a count, per-node rate limiting, and never raising."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,13 @@ from coordinator.k8s_events import (
     KubernetesEventSink,
 )
 from coordinator.k8s_labeler import core_api
-from tests.fakekube import FakeKubeAPI
+from datacache.localcluster import wait_until
+from tests.kubecontrolplane import KubeAPIError, KubeTest
+
+COORDINATOR_SA = ("datacache", "datacache-coordinator")
+EVENTS = "/api/v1/namespaces/default/events"
+WAIT = 30.0
+Connect = Callable[[Path], Any]
 
 
 class Clock:
@@ -28,15 +36,34 @@ class Clock:
         return self.now
 
 
-def events(fake: FakeKubeAPI) -> list[dict[str, Any]]:
-    return fake.list_objects("events", "default")
+def coordinator_kubeconfig(kube: KubeTest) -> Path:
+    return kube.token_kubeconfig(kube.token(*COORDINATOR_SA), "coordinator")
 
 
-def test_replica_transitions_become_node_events(kube: tuple[FakeKubeAPI, Path]) -> None:
-    fake, kubeconfig = kube
-    node = fake.add_node("node-1")
+@pytest.fixture
+def connect() -> Iterator[Callable[[Path], Any]]:
+    """CoreV1Api clients for kubeconfigs, closed after the test: their pooled connections would
+    otherwise outlive it (and be garbage collected unclosed)."""
+    made: list[Any] = []
+
+    def make(kubeconfig: Path) -> Any:
+        api = core_api(str(kubeconfig))
+        made.append(api)
+        return api
+
+    yield make
+    for api in made:
+        api.api_client.close()
+
+
+def events(kube: KubeTest) -> list[dict[str, Any]]:
+    return list(kube.plane.get(EVENTS)["items"])
+
+
+def test_replica_transitions_become_node_events(kube: KubeTest, connect: Connect) -> None:
+    node = kube.add_node("node-1")
     sink = KubernetesEventSink(
-        core_api(str(kubeconfig)),
+        connect(coordinator_kubeconfig(kube)),
         EventSettings(reporting_instance="coordinator-0"),
         node_uid=lambda name: node["metadata"]["uid"] if name == "node-1" else "",
     )
@@ -47,7 +74,7 @@ def test_replica_transitions_become_node_events(kube: tuple[FakeKubeAPI, Path]) 
         await sink.replica_event("node-1", "ml/photos", EventReason.REPLICA_EVICTED, "for room")
 
     asyncio.run(scenario())
-    found = sorted(events(fake), key=lambda e: e["reason"])
+    found = sorted(events(kube), key=lambda e: e["reason"])
     assert [(e["reason"], e["type"]) for e in found] == [
         ("ReplicaEvicted", "Normal"),
         ("ReplicaFailed", "Warning"),
@@ -65,13 +92,16 @@ def test_replica_transitions_become_node_events(kube: tuple[FakeKubeAPI, Path]) 
         assert event["count"] == 1
         assert event["metadata"]["name"].startswith("node-1.")
         assert "ml/photos" in event["message"]
+    # What `kubectl describe node` finds: the server selects them by the Node they are about.
+    selector = f"involvedObject.kind=Node,involvedObject.uid={node['metadata']['uid']}"
+    about = kube.plane.request("GET", EVENTS, query={"fieldSelector": selector})["items"]
+    assert len(about) == 3
 
 
-def test_repeats_fold_into_one_event_with_a_count(kube: tuple[FakeKubeAPI, Path]) -> None:
-    fake, kubeconfig = kube
-    fake.add_node("node-1")
+def test_repeats_fold_into_one_event_with_a_count(kube: KubeTest, connect: Connect) -> None:
+    kube.add_node("node-1")
     clock = Clock()
-    sink = KubernetesEventSink(core_api(str(kubeconfig)), clock=clock)
+    sink = KubernetesEventSink(connect(coordinator_kubeconfig(kube)), clock=clock)
 
     async def scenario() -> None:
         for _ in range(3):
@@ -80,30 +110,30 @@ def test_repeats_fold_into_one_event_with_a_count(kube: tuple[FakeKubeAPI, Path]
         await sink.replica_event("node-1", "b", EventReason.REPLICA_FAILED, "timeout")
 
     asyncio.run(scenario())
-    counts = sorted((e["message"], e["count"]) for e in events(fake))
+    counts = sorted((e["message"], e["count"]) for e in events(kube))
     assert counts == [("dataset a: timeout", 3), ("dataset b: timeout", 1)]
 
 
-def test_an_expired_event_is_created_again(kube: tuple[FakeKubeAPI, Path]) -> None:
-    fake, kubeconfig = kube
-    sink = KubernetesEventSink(core_api(str(kubeconfig)))
+def test_an_expired_event_is_created_again(kube: KubeTest, connect: Connect) -> None:
+    sink = KubernetesEventSink(connect(coordinator_kubeconfig(kube)))
 
     async def scenario() -> None:
         await sink.replica_event("node-1", "a", EventReason.REPLICA_READY, "ok")
-        (first,) = events(fake)
-        fake.delete_object("events", first["metadata"]["name"], "default")
+        (first,) = events(kube)
+        kube.plane.delete(f"{EVENTS}/{first['metadata']['name']}", missing_ok=False)
         await sink.replica_event("node-1", "a", EventReason.REPLICA_READY, "ok")
 
     asyncio.run(scenario())
-    (again,) = events(fake)
+    (again,) = events(kube)
     assert again["count"] == 1
 
 
-def test_rate_limit_per_node_refills(kube: tuple[FakeKubeAPI, Path]) -> None:
-    fake, kubeconfig = kube
+def test_rate_limit_per_node_refills(kube: KubeTest, connect: Connect) -> None:
     clock = Clock()
     sink = KubernetesEventSink(
-        core_api(str(kubeconfig)), EventSettings(burst=2, refill_seconds=10), clock=clock
+        connect(coordinator_kubeconfig(kube)),
+        EventSettings(burst=2, refill_seconds=10),
+        clock=clock,
     )
 
     async def burst(node: str, tag: str, n: int) -> None:
@@ -111,30 +141,86 @@ def test_rate_limit_per_node_refills(kube: tuple[FakeKubeAPI, Path]) -> None:
             await sink.replica_event(node, f"{tag}{i}", EventReason.REPLICA_READY, "ok")
 
     asyncio.run(burst("node-1", "x", 5))
-    assert len(events(fake)) == 2
+    assert len(events(kube)) == 2
     asyncio.run(burst("node-2", "x", 1))  # another node has its own bucket
-    assert len(events(fake)) == 3
+    assert len(events(kube)) == 3
     clock.now += 10
     asyncio.run(burst("node-1", "y", 3))
-    assert len(events(fake)) == 4
+    assert len(events(kube)) == 4
 
 
-def test_failures_never_raise(kube: tuple[FakeKubeAPI, Path]) -> None:
-    fake, kubeconfig = kube
-    sink = KubernetesEventSink(core_api(str(kubeconfig)))
-    fake.fail_next(1, 403)
+def _may_create_events(kube: KubeTest, user: str) -> bool:
+    review = kube.plane.create(
+        "/apis/authorization.k8s.io/v1/subjectaccessreviews",
+        {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SubjectAccessReview",
+            "spec": {
+                "user": user,
+                "groups": ["system:serviceaccounts", "system:authenticated"],
+                "resourceAttributes": {
+                    "namespace": "default",
+                    "verb": "create",
+                    "resource": "events",
+                },
+            },
+        },
+    )
+    return bool(review["status"].get("allowed"))
+
+
+def test_failures_never_raise(kube: KubeTest, connect: Connect) -> None:
+    # A ServiceAccount without the coordinator's role: the API server refuses its write (403).
+    kube.plane.ensure_namespace("events-test")
+    kube.plane.create(
+        "/api/v1/namespaces/events-test/serviceaccounts",
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "writer"}},
+    )
+    token = kube.token("events-test", "writer")
+    with pytest.raises(KubeAPIError) as refused:
+        kube.plane.request("POST", EVENTS, {"metadata": {"name": "probe"}}, token=token)
+    assert refused.value.status == 403
+    proxy = kube.proxy
+    sink = KubernetesEventSink(connect(kube.proxied_kubeconfig(token, "writer")))
     asyncio.run(sink.replica_event("node-1", "a", EventReason.REPLICA_READY, "ok"))
-    assert events(fake) == []
-    # Not remembered as written: the next one is created, not bumped.
-    asyncio.run(sink.replica_event("node-1", "a", EventReason.REPLICA_READY, "ok"))
-    assert [e["count"] for e in events(fake)] == [1]
+    assert events(kube) == []
+    assert list(proxy.statuses().values()) == [403]
+
+    # Granted the coordinator's ClusterRole in `default` (node events live there), it may.
+    binding = "/apis/rbac.authorization.k8s.io/v1/namespaces/default/rolebindings/events-writer"
+    kube.plane.create(
+        "/apis/rbac.authorization.k8s.io/v1/namespaces/default/rolebindings",
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": "events-writer"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "datacache-coordinator",
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": "writer", "namespace": "events-test"}],
+        },
+    )
+    try:
+        user = "system:serviceaccount:events-test:writer"
+        wait_until(lambda: _may_create_events(kube, user), WAIT, "the RoleBinding to apply")
+        # The refused Event was not remembered as written: this one is created, not bumped.
+        asyncio.run(sink.replica_event("node-1", "a", EventReason.REPLICA_READY, "ok"))
+        assert [e["count"] for e in events(kube)] == [1]
+        assert [r.method for r in proxy.requests] == ["POST", "POST"]
+    finally:
+        kube.plane.delete(binding)
 
 
-def test_unknown_reasons_are_refused(kube: tuple[FakeKubeAPI, Path]) -> None:
-    fake, kubeconfig = kube
-    sink = KubernetesEventSink(core_api(str(kubeconfig)))
+def test_unknown_reasons_are_refused(kube: KubeTest, connect: Connect) -> None:
+    proxy = kube.proxy
+    sink = KubernetesEventSink(
+        connect(kube.proxied_kubeconfig(kube.token(*COORDINATOR_SA), "coordinator"))
+    )
     asyncio.run(sink.replica_event("node-1", "a", "SomethingElse", "?"))
-    assert events(fake) == []
+    assert events(kube) == []
+    assert proxy.requests == []
 
 
 @pytest.mark.parametrize("window", [5.0, 60.0])
