@@ -366,8 +366,9 @@ class FaultProxy:
             return Counter(i.fault.kind for i in self._injected)
 
     def release_stalls(self) -> None:
-        """Ends every stall in progress now: their bodies follow at once. Stalls that start
-        later are not affected. Returns once the stalls were told."""
+        """Ends every stall of a request the proxy has already read, in progress or about to
+        start (its response head may still be on its way): their bodies follow at once.
+        Requests read later stall as their rules say. Returns once the stalls were told."""
         loop = self._loop
         if loop is None:
             raise ProxyError("the fault proxy is not running")
@@ -576,8 +577,10 @@ class FaultProxy:
 
         with self._lock:
             self._active[request.number] = request
+        # Taken now, not when the stall starts: a release between the two still ends it.
+        release = self._release
         try:
-            return await self._relay(head, link, request, fault, client_close, no_body)
+            return await self._relay(head, link, request, fault, client_close, no_body, release)
         finally:
             with self._lock:
                 self._active.pop(request.number, None)
@@ -590,6 +593,7 @@ class FaultProxy:
         fault: Fault | None,
         client_close: bool,
         no_body: bool,
+        release: asyncio.Event | None,
     ) -> bool:
         reader, writer = link.reader, link.writer
         method = request.method
@@ -618,7 +622,6 @@ class FaultProxy:
         writer.write(response.encode())
         await writer.drain()
         if fault is not None and kind == "stall":
-            release = self._release
             self._record(request, fault)
             await self._pause(fault.seconds, release)
 
