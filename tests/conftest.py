@@ -11,12 +11,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import botocore.exceptions
 import pytest
 
+from coordinator.k8s_labeler import core_api
 from datacache.localcluster import (
     DEMO_CREDENTIALS,
     ClusterError,
@@ -232,6 +234,26 @@ def kube(kube_plane: KubeControlPlane, tmp_path: Path) -> Iterator[KubeTest]:
         yield test
     finally:
         test.cleanup()
+
+
+Connect = Callable[[Path], Any]
+"""Makes a CoreV1Api from a kubeconfig."""
+
+
+@pytest.fixture
+def connect() -> Iterator[Connect]:
+    """CoreV1Api clients for kubeconfigs, closed after the test: their pooled connections would
+    otherwise outlive it (and be garbage collected unclosed)."""
+    made: list[Any] = []
+
+    def make(kubeconfig: Path) -> Any:
+        api = core_api(str(kubeconfig))
+        made.append(api)
+        return api
+
+    yield make
+    for api in made:
+        api.api_client.close()
 
 
 @contextlib.contextmanager

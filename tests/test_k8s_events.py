@@ -5,7 +5,6 @@ folding of repeats into a count, per-node rate limiting, and never raising."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +17,13 @@ from coordinator.k8s_events import (
     EventSettings,
     KubernetesEventSink,
 )
-from coordinator.k8s_labeler import core_api
 from datacache.localcluster import wait_until
+from tests.conftest import Connect
 from tests.kubecontrolplane import KubeAPIError, KubeTest
 
 COORDINATOR_SA = ("datacache", "datacache-coordinator")
 EVENTS = "/api/v1/namespaces/default/events"
 WAIT = 30.0
-Connect = Callable[[Path], Any]
 
 
 class Clock:
@@ -38,22 +36,6 @@ class Clock:
 
 def coordinator_kubeconfig(kube: KubeTest) -> Path:
     return kube.token_kubeconfig(kube.token(*COORDINATOR_SA), "coordinator")
-
-
-@pytest.fixture
-def connect() -> Iterator[Callable[[Path], Any]]:
-    """CoreV1Api clients for kubeconfigs, closed after the test: their pooled connections would
-    otherwise outlive it (and be garbage collected unclosed)."""
-    made: list[Any] = []
-
-    def make(kubeconfig: Path) -> Any:
-        api = core_api(str(kubeconfig))
-        made.append(api)
-        return api
-
-    yield make
-    for api in made:
-        api.api_client.close()
 
 
 def events(kube: KubeTest) -> list[dict[str, Any]]:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -19,10 +18,10 @@ import pytest
 from coordinator.cluster import NodeFacts
 from coordinator.demand_service import DemandTracker
 from coordinator.k8s_backoff import BackoffSettings
-from coordinator.k8s_labeler import core_api
 from coordinator.k8s_listwatch import ListWatch, ListWatchSettings
 from coordinator.k8s_pods import pod_watch
 from datacache.localcluster import wait_until
+from tests.conftest import Connect
 from tests.faultproxy import Fault, Rule
 from tests.kubecontrolplane import KubeTest
 
@@ -30,7 +29,6 @@ NODES = {f"n{i}": NodeFacts(f"n{i}") for i in range(3)}
 COORDINATOR_SA = ("datacache", "datacache-coordinator")
 PODS = "/api/v1/namespaces/ml/pods"
 WAIT = 30.0
-Connect = Callable[[Path], Any]
 FAST = ListWatchSettings(backoff=BackoffSettings(initial_seconds=0.05, max_seconds=0.5))
 
 
@@ -63,22 +61,6 @@ def tracked(kube: KubeTest) -> Iterator[tuple[DemandTracker, list[int]]]:
     kube.plane.ensure_namespace("ml")
     changes: list[int] = []
     yield DemandTracker(on_change=lambda: changes.append(1)), changes
-
-
-@pytest.fixture
-def connect() -> Iterator[Callable[[Path], Any]]:
-    """CoreV1Api clients for kubeconfigs, closed after the test: their pooled connections would
-    otherwise outlive it (and be garbage collected unclosed)."""
-    made: list[Any] = []
-
-    def make(kubeconfig: Path) -> Any:
-        api = core_api(str(kubeconfig))
-        made.append(api)
-        return api
-
-    yield make
-    for api in made:
-        api.api_client.close()
 
 
 def started(watch: ListWatch) -> ListWatch:
