@@ -27,7 +27,7 @@ from datacache.localcluster import (
     s3_client,
     wait_until,
 )
-from tests.kubecontrolplane import KubeControlPlane, KubeTest, install_test_admin
+from tests.kubecontrolplane import KubeAPIError, KubeControlPlane, KubeTest, install_test_admin
 
 _THREAD_STOP_SECONDS = 10.0
 _reported: set[threading.Thread] = set()
@@ -196,6 +196,21 @@ def kubectl(
     return done
 
 
+def _node_label_fence_in_force(plane: KubeControlPlane) -> bool:
+    """Whether a stored ValidatingAdmissionPolicy is in force yet: the API server loads new
+    policies a moment after they are stored, so a dry-run Node claiming a copy is refused."""
+    node = {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": "fence-probe", "labels": {"dataset.datacache.io/probe.x": "ready"}},
+    }
+    try:
+        plane.request("POST", "/api/v1/nodes", node, query={"dryRun": "All"})
+    except KubeAPIError as exc:
+        return exc.status == 403
+    return False
+
+
 @pytest.fixture(scope="session")
 def kube_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeControlPlane]:
     """The session's real control plane (etcd, kube-apiserver, kube-scheduler,
@@ -220,6 +235,11 @@ def kube_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeControl
             "--for=condition=Established",
             "--timeout=60s",
             "crd/datasets.datacache.io",
+        )
+        wait_until(
+            lambda: _node_label_fence_in_force(plane),
+            60,
+            "the API server to enforce the manifests' admission policies",
         )
         yield plane
     finally:
