@@ -880,6 +880,16 @@ class KubeTest:
     def token(self, namespace: str, name: str, **kwargs: Any) -> str:
         return self.plane.service_account_token(namespace, name, **kwargs)
 
+    def roleless_token(self, namespace: str, name: str) -> str:
+        """The token of a new ServiceAccount bound to no role: a real identity the API server
+        refuses (403) for anything beyond discovery."""
+        self.plane.ensure_namespace(namespace)
+        self.plane.create(
+            f"/api/v1/namespaces/{namespace}/serviceaccounts",
+            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}},
+        )
+        return self.token(namespace, name)
+
     def admin_token(self) -> str:
         return self.token(*TEST_ADMIN)
 

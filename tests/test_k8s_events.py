@@ -153,12 +153,7 @@ def _may_create_events(kube: KubeTest, user: str) -> bool:
 
 def test_failures_never_raise(kube: KubeTest, connect: Connect) -> None:
     # A ServiceAccount without the coordinator's role: the API server refuses its write (403).
-    kube.plane.ensure_namespace("events-test")
-    kube.plane.create(
-        "/api/v1/namespaces/events-test/serviceaccounts",
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "writer"}},
-    )
-    token = kube.token("events-test", "writer")
+    token = kube.roleless_token("events-test", "writer")
     with pytest.raises(KubeAPIError) as refused:
         kube.plane.request("POST", EVENTS, {"metadata": {"name": "probe"}}, token=token)
     assert refused.value.status == 403

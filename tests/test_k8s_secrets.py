@@ -124,12 +124,7 @@ def test_secret_in_another_namespace_is_not_read(kube: KubeTest, provider: Provi
 def test_forbidden_names_the_rbac_fix_and_hides_values(kube: KubeTest, provider: Provider) -> None:
     put_secret(kube, "s3", {"AWS_ACCESS_KEY_ID": "AKIA1", "AWS_SECRET_ACCESS_KEY": "s3cr3t"})
     # An identity without the coordinator's Role, as a coordinator whose RoleBinding is missing.
-    kube.plane.ensure_namespace("secrets-test")
-    kube.plane.create(
-        "/api/v1/namespaces/secrets-test/serviceaccounts",
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "nobody"}},
-    )
-    token = kube.token("secrets-test", "nobody")
+    token = kube.roleless_token("secrets-test", "nobody")
     with pytest.raises(KubeAPIError) as refused:
         kube.plane.request("GET", f"/api/v1/namespaces/{NS}/secrets/s3", token=token)
     assert refused.value.status == 403

@@ -24,12 +24,7 @@ def test_versions_admission_and_authorisation_are_a_real_clusters(kube: KubeTest
     version = kube.plane.get("/version")
     assert version["gitVersion"] == "v1.36.3"
     # A bound ServiceAccount token with no role may do nothing (RBAC, not AlwaysAllow).
-    kube.plane.ensure_namespace("team")
-    kube.plane.create(
-        "/api/v1/namespaces/team/serviceaccounts",
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "nobody"}},
-    )
-    token = kube.token("team", "nobody")
+    token = kube.roleless_token("team", "nobody")
     assert token_subject(token)["sub"] == "system:serviceaccount:team:nobody"
     with pytest.raises(KubeAPIError) as refused:
         kube.plane.request("GET", "/api/v1/nodes", token=token)
